@@ -1,0 +1,98 @@
+"""LoRA: which linears get adapters, their shapes, initialisation and scaling.
+
+A LoRA adapter on a frozen weight W [out, in] (the Hugging Face layout k2jax keeps) is a pair
+A [r, in], B [out, r] with  y = x·Wᵀ + s · (x·Aᵀ)·Bᵀ,  s = alpha / r  (or alpha / √r with rsLoRA).
+Routed experts get one adapter per expert: A [E, r, in], B [E, out, r]. A starts random
+(PEFT's kaiming-uniform: U(±1/√in)), B starts at zero, so step 0 is exactly the base model.
+
+The adapters live in their own variable collection, "lora", next to the frozen "params": the
+optimizer and the gradient only ever see "lora"; the base stays bit-identical. We never form
+W + s·BA during training (for INT4 experts that would mean a bf16 copy of every expert).
+
+Targets are module names matched PEFT-style against the end of a module path, component by
+component: "q_a_proj" matches `self_attn.q_a_proj` in every layer, "gate_proj" matches the dense MLP,
+the shared experts and the routed experts, "experts.gate_proj" only the routed experts,
+"shared_experts.*" every shared-expert linear. Module paths are the HF names without the layer index:
+
+    self_attn.{q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj}
+    mlp.{gate_proj, up_proj, down_proj}                      (dense layers)
+    mlp.shared_experts.{gate_proj, up_proj, down_proj}
+    mlp.experts.{gate_proj, up_proj, down_proj}              (all routed experts, stacked)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+
+from k2jax.config import ConfigError, check_field_types
+
+ALL_TARGETS = (
+    "q_a_proj",
+    "q_b_proj",
+    "kv_a_proj_with_mqa",
+    "kv_b_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+
+LINEAR_PATHS = (
+    "self_attn.q_a_proj",
+    "self_attn.q_b_proj",
+    "self_attn.kv_a_proj_with_mqa",
+    "self_attn.kv_b_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+    "mlp.shared_experts.gate_proj",
+    "mlp.shared_experts.up_proj",
+    "mlp.shared_experts.down_proj",
+    "mlp.experts.gate_proj",
+    "mlp.experts.up_proj",
+    "mlp.experts.down_proj",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False  # scale alpha/√r instead of alpha/r (Kalajdzievski 2023)
+    targets: tuple[str, ...] = ALL_TARGETS
+
+    def __post_init__(self):
+        check_field_types(self, "lora")
+        if self.rank <= 0:
+            raise ConfigError(f"lora.rank must be > 0, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.targets:
+            raise ConfigError("lora.targets is empty: name at least one module")
+        for t in self.targets:
+            if not any(_matches(t, p) for p in LINEAR_PATHS):
+                raise ConfigError(
+                    f"lora.targets: {t!r} matches no linear; known module paths: "
+                    + ", ".join(LINEAR_PATHS)
+                )
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def applies_to(self, module_path: str) -> bool:
+        """Whether the linear at `module_path` (e.g. "mlp.experts.gate_proj") gets an adapter."""
+        return any(_matches(t, module_path) for t in self.targets)
+
+
+def _matches(target: str, path: str) -> bool:
+    """PEFT-style suffix match on dotted components; glob characters are allowed."""
+    t_parts, p_parts = target.split("."), path.split(".")
+    if len(t_parts) > len(p_parts):
+        return False
+    tail = p_parts[len(p_parts) - len(t_parts) :]
+    return all(fnmatch.fnmatchcase(p, t) for p, t in zip(tail, t_parts))

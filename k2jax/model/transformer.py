@@ -1,0 +1,176 @@
+"""The decoder stack: embedding → dense layers → MoE layers → final norm → LM head.
+
+    h = embed(tokens)
+    for each layer:  h = h + MLA(RMSNorm_in(h));  h = h + FFN(RMSNorm_post(h))
+    logits = lm_head(RMSNorm_final(h))
+
+FFN is the dense SwiGLU for the first `first_k_dense_replace` layers and the MoE after. Each kind
+of layer is one module scanned over a stacked [L, ...] copy of its weights (`nn.scan`), wrapped in
+`nn.remat` with the configured policy, so compile time does not grow with depth (61 layers) and
+activation memory is one layer's worth plus the scan carries.
+
+Inputs are packed rows: `segment_ids` (1, 2, ... per example; 0 for padding) keep examples from
+seeing each other, and `positions` restart at 0 for each example (RoPE).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from k2jax.config import ModelConfig
+from k2jax.lora import LoraConfig
+from k2jax.model.layers import MLP, Embed, RMSNorm
+from k2jax.model.loss import chunked_cross_entropy
+from k2jax.model.mla import MLA
+from k2jax.model.moe import MoE
+from k2jax.model.options import ComputeConfig
+
+LAYER_ACTIVATION = ("batch", "seq", "act_embed")
+
+
+class DecoderLayer(nn.Module):
+    cfg: ModelConfig
+    compute: ComputeConfig
+    lora: LoraConfig | None
+    moe: bool
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+        c = self.cfg
+        x_BTD = nn.with_logical_constraint(x_BTD, LAYER_ACTIVATION)
+        h = RMSNorm(c.rms_norm_eps, self.compute, name="input_layernorm")(x_BTD)
+        attn, max_logit_H = MLA(c, self.compute, self.lora, name="self_attn")(
+            h, positions_BT, segment_ids_BT
+        )
+        x_BTD = x_BTD + attn
+        h = RMSNorm(c.rms_norm_eps, self.compute, name="post_attention_layernorm")(x_BTD)
+        aux = {"max_logit": max_logit_H}
+        if self.moe:
+            y, aux["expert_load"] = MoE(c, self.compute, self.lora, name="mlp")(h)
+        else:
+            y = MLP(c.intermediate_size, self.compute, self.lora, name="mlp")(h)
+        x_BTD = nn.with_logical_constraint(x_BTD + y, LAYER_ACTIVATION)
+        return x_BTD, aux
+
+
+def _stack(cfg, compute, lora, *, moe: bool, length: int, name: str):
+    layer = DecoderLayer
+    policy = compute.remat_policy()
+    if policy is not None:
+        layer = nn.remat(layer, policy=policy, prevent_cse=False)
+    scanned = nn.scan(
+        layer,
+        variable_axes={"params": 0, "lora": 0},
+        split_rngs={"params": True, "lora": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scanned(cfg, compute, lora, moe, name=name)
+
+
+class LMHead(nn.Module):
+    """The untied output projection [V, D]; applied by the chunked loss or `Transformer.logits`."""
+
+    vocab_size: int
+    hidden_size: int
+    compute: ComputeConfig
+
+    def setup(self):
+        self.weight = self.param(
+            "weight",
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            (self.vocab_size, self.hidden_size),
+            self.compute.jnp_param_dtype,
+        )
+
+
+class Transformer(nn.Module):
+    """The whole model. Methods (use with `apply(..., method=...)`):
+
+    __call__(tokens, positions, segment_ids) -> (final-normed hidden [B, T, D], aux)
+    logits(tokens, ...) -> [B, T, V] in float32
+    loss(tokens, targets, loss_mask, ...) -> dict of sums (see k2jax.model.loss) and aux
+    """
+
+    cfg: ModelConfig
+    compute: ComputeConfig = ComputeConfig()
+    lora: LoraConfig | None = None
+
+    def setup(self):
+        c = self.cfg
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, self.compute)
+        if c.num_dense_layers:
+            self.dense_layers = _stack(
+                c,
+                self.compute,
+                self.lora,
+                moe=False,
+                length=c.num_dense_layers,
+                name="dense_layers",
+            )
+        if c.num_moe_layers:
+            self.moe_layers = _stack(
+                c, self.compute, self.lora, moe=True, length=c.num_moe_layers, name="moe_layers"
+            )
+        self.norm = RMSNorm(c.rms_norm_eps, self.compute)
+        self.lm_head = LMHead(c.vocab_size, c.hidden_size, self.compute)
+
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if segment_ids_BT is None:
+            segment_ids_BT = jnp.ones((B, T), jnp.int32)
+        x = self.embed_tokens(tokens_BT)
+        aux = {}
+        if self.cfg.num_dense_layers:
+            x, aux["dense"] = self.dense_layers(x, positions_BT, segment_ids_BT)
+        if self.cfg.num_moe_layers:
+            x, aux["moe"] = self.moe_layers(x, positions_BT, segment_ids_BT)
+        return self.norm(x), aux
+
+    def head_weight(self) -> jax.Array:
+        return self.lm_head.weight
+
+    def logits(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+        h, _ = self(tokens_BT, positions_BT, segment_ids_BT)
+        w = self.head_weight()
+        return jnp.einsum("btd,vd->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+    def loss(
+        self,
+        tokens_BT,
+        targets_BT,
+        loss_mask_BT,
+        positions_BT=None,
+        segment_ids_BT=None,
+        *,
+        z_weight=0.0,
+    ):
+        h, aux = self(tokens_BT, positions_BT, segment_ids_BT)
+        B, T, D = h.shape
+        sums = chunked_cross_entropy(
+            h.reshape(B * T, D),
+            self.head_weight(),
+            targets_BT.reshape(-1),
+            loss_mask_BT.reshape(-1),
+            chunk=self.compute.loss_chunk_tokens,
+            z_weight=z_weight,
+        )
+        return sums, aux
+
+
+def init_variables(model: Transformer, rng: jax.Array, *, seq_len: int = 8, lora_rng=None) -> dict:
+    """Random variables {"params": ..., "lora": ...} (boxed with logical axis names).
+
+    Runs `logits` on a dummy batch so every weight (incl. the LM head) is created. Wrap in
+    `jax.eval_shape` for abstract shapes without allocating anything.
+    """
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    rngs = {"params": rng}
+    if lora_rng is not None:
+        rngs["lora"] = lora_rng
+    return model.init(rngs, tokens, method=Transformer.logits)

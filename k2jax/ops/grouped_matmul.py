@@ -1,0 +1,113 @@
+"""Grouped matmul: the expert GEMM of a mixture-of-experts layer, behind one interface.
+
+    y[m] = x[m] · W[g(m)]ᵀ  (+ s · (x'[m] · A[g(m)]ᵀ) · B[g(m)]ᵀ  with LoRA)
+
+Rows of `x` are sorted by expert: the first group_sizes[0] rows belong to expert 0, the next
+group_sizes[1] to expert 1, and so on (groups may be empty). Rows past sum(group_sizes) are padding
+and come out as zeros. Weights use the Hugging Face [out, in] layout stacked over experts, W [G, N, K],
+either as a dense array or as an `Int4Weight` (int4 codes + group-32 scales). The optional per-expert
+LoRA is A [G, r, K], B [G, N, r], scaled by `s`; it is computed as two small grouped matmuls beside
+the frozen one, never as W + s·BA.
+
+Implementations (chosen by `impl`):
+  "xla"     the reference: dequantise, then `jax.lax.ragged_dot_general`. Exact, runs everywhere,
+            and is the oracle every other implementation is tested against. On CUDA, ragged_dot is a
+            dense masked expansion in this JAX (GPU_NOTES.md), so it is for CPU and tests only.
+  "pallas"  the GPU kernel (k2jax/ops/gmm_pallas.py, a later issue): per-tile INT4 dequantisation,
+            dropless, with LoRA fused.
+  "auto"    "pallas" on GPU when available, else "xla".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from k2jax.quant import Int4Weight, dequantize
+
+# x [M, K] · W [G, N, K] -> [M, N]: contract x's dim 1 with W's dim 2; x's dim 0 is ragged.
+_DIMS_NK = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [2]), ([], [])),
+    lhs_ragged_dimensions=[0],
+    rhs_group_dimensions=[0],
+)
+
+IMPLS = ("auto", "xla", "pallas")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GroupedLora:
+    """Per-expert LoRA factors: a [G, r, K], b [G, N, r]; the update is scale · x·aᵀ·bᵀ."""
+
+    a: jax.Array
+    b: jax.Array
+    scale: float = dataclasses.field(metadata=dict(static=True), default=1.0)
+
+
+def grouped_matmul(
+    x: jax.Array,
+    w: jax.Array | Int4Weight,
+    group_sizes: jax.Array,
+    *,
+    lora: GroupedLora | None = None,
+    lora_x: jax.Array | None = None,
+    impl: str = "auto",
+    preferred_element_type=None,
+) -> jax.Array:
+    """y [M, N] for rows x [M, K] sorted by group, weights w [G, N, K]; see the module docstring.
+
+    `lora_x` is the LoRA input when it differs from `x` (LoRA dropout); `preferred_element_type`
+    is the accumulation/output dtype (default: x's dtype).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"grouped_matmul impl must be one of {IMPLS}, got {impl!r}")
+    _check_shapes(x, w, group_sizes, lora)
+    if impl == "auto":
+        impl = "xla"  # the GPU kernel registers itself here when it lands (issue 7)
+    if impl == "pallas":
+        raise NotImplementedError("the Pallas grouped-matmul kernel is not available yet")
+    return grouped_matmul_reference(
+        x, w, group_sizes, lora=lora, lora_x=lora_x, preferred_element_type=preferred_element_type
+    )
+
+
+def grouped_matmul_reference(
+    x, w, group_sizes, *, lora=None, lora_x=None, preferred_element_type=None
+) -> jax.Array:
+    """The XLA reference: dequantise W, then ragged dots (see the module docstring)."""
+    out_dtype = preferred_element_type or x.dtype
+    w_dense = dequantize(w, x.dtype)
+    y = jax.lax.ragged_dot_general(
+        x, w_dense, group_sizes, _DIMS_NK, preferred_element_type=out_dtype
+    )
+    if lora is not None:
+        lx = x if lora_x is None else lora_x
+        t = jax.lax.ragged_dot_general(
+            lx, lora.a.astype(lx.dtype), group_sizes, _DIMS_NK, preferred_element_type=jnp.float32
+        )
+        t = (t * lora.scale).astype(lx.dtype)
+        y = y + jax.lax.ragged_dot_general(
+            t, lora.b.astype(lx.dtype), group_sizes, _DIMS_NK, preferred_element_type=out_dtype
+        )
+    return y
+
+
+def _check_shapes(x, w, group_sizes, lora):
+    w_shape = w.shape
+    if x.ndim != 2 or len(w_shape) != 3:
+        raise ValueError(f"grouped_matmul wants x [M, K] and w [G, N, K], got {x.shape}, {w_shape}")
+    g, _, k = w_shape
+    if x.shape[1] != k:
+        raise ValueError(f"grouped_matmul: x has K={x.shape[1]} but w has K={k}")
+    if group_sizes.shape != (g,):
+        raise ValueError(f"grouped_matmul: group_sizes {group_sizes.shape} != ({g},)")
+    if lora is not None:
+        r = lora.a.shape[1]
+        if lora.a.shape != (g, r, k) or lora.b.shape != (g, w_shape[1], r):
+            raise ValueError(
+                f"grouped_matmul: LoRA shapes a {lora.a.shape}, b {lora.b.shape} do not match "
+                f"w {w_shape} (want a [G, r, K], b [G, N, r])"
+            )
