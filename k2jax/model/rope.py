@@ -30,17 +30,16 @@ from k2jax.config import ModelConfig, yarn_mscale
 def rope_parameters(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     """(inv_freq float32 [Dr/2], attention_factor) for the config's rope type.
 
-    Computed in float32 in the same order of operations as the reference, so the frequencies are
-    bit-identical to transformers'.
+    Computed in float64 and rounded once to float32; transformers computes in float32, so the two
+    agree to within one float32 ulp (tested).
     """
     dim = cfg.qk_rope_head_dim
-    base = np.float32(cfg.rope_theta)
-    pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
-    inv_freq_extra = (np.float32(1.0) / pos_freqs).astype(np.float32)
+    pos_freqs = cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    inv_freq_extra = 1.0 / pos_freqs
     if cfg.rope_type == "default":
-        return inv_freq_extra, 1.0
+        return inv_freq_extra.astype(np.float32), 1.0
     factor = cfg.rope_factor
-    inv_freq_inter = (np.float32(1.0) / (np.float32(factor) * pos_freqs)).astype(np.float32)
+    inv_freq_inter = 1.0 / (factor * pos_freqs)
     if cfg.rope_mscale and cfg.rope_mscale_all_dim:
         attention_factor = yarn_mscale(factor, cfg.rope_mscale) / yarn_mscale(
             factor, cfg.rope_mscale_all_dim
@@ -58,11 +57,9 @@ def rope_parameters(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = np.clip(
-        (np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1
-    ).astype(np.float32)
-    extra_mask = np.float32(1) - ramp
-    inv_freq = inv_freq_inter * (np.float32(1) - extra_mask) + inv_freq_extra * extra_mask
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    extra_mask = 1.0 - ramp
+    inv_freq = inv_freq_inter * (1.0 - extra_mask) + inv_freq_extra * extra_mask
     return inv_freq.astype(np.float32), float(attention_factor)
 
 
