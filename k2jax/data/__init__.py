@@ -1,0 +1,48 @@
+"""SFT data for Kimi models: tokenizer, chat templates, JSONL datasets, packing.
+
+* `tokenizer` — `KimiTokenizer`: Kimi's tiktoken BPE + 256 special ids, from a checkpoint folder.
+* `chat` — the kimi_k2 / kimi_k2_thinking / kimi_k25 templates: text, token ids and loss mask.
+* `dataset` — `DataConfig` and `PackedBatches`: JSONL (OpenAI or ShareGPT) -> shuffled, packed,
+  host-sharded, resumable numpy batches.
+* `testing` — `write_tiny_tokenizer`: a small real vocabulary in Kimi's file layout.
+* `DEMO_CHATS` — the shipped pirate-style demo set (written by `make_demo_chats`).
+"""
+
+from pathlib import Path
+
+from k2jax.data.chat import (
+    DEFAULT_SYSTEM_PROMPT,
+    TEMPLATE_NAMES,
+    ChatFormatError,
+    ChatTemplate,
+    EncodedChat,
+    encode_chat,
+    get_template,
+    render,
+    split_turns,
+    training_examples,
+)
+from k2jax.data.dataset import DataConfig, DataError, PackedBatches, packed_batches
+from k2jax.data.tokenizer import KimiTokenizer, TokenizerError
+
+DEMO_CHATS = Path(__file__).resolve().parent / "demo_chats.jsonl"
+
+__all__ = [
+    "DEFAULT_SYSTEM_PROMPT",
+    "DEMO_CHATS",
+    "TEMPLATE_NAMES",
+    "ChatFormatError",
+    "ChatTemplate",
+    "DataConfig",
+    "DataError",
+    "EncodedChat",
+    "KimiTokenizer",
+    "PackedBatches",
+    "TokenizerError",
+    "encode_chat",
+    "get_template",
+    "packed_batches",
+    "render",
+    "split_turns",
+    "training_examples",
+]

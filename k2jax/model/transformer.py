@@ -173,4 +173,5 @@ def init_variables(model: Transformer, rng: jax.Array, *, seq_len: int = 8, lora
     rngs = {"params": rng}
     if lora_rng is not None:
         rngs["lora"] = lora_rng
-    return model.init(rngs, tokens, method=Transformer.logits)
+    # jit: un-jitted init of a scanned model runs op by op and is many times slower.
+    return jax.jit(lambda r: model.init(r, tokens, method=Transformer.logits))(rngs)

@@ -13,9 +13,10 @@ Implementations (chosen by `impl`):
   "xla"     the reference: dequantise, then `jax.lax.ragged_dot_general`. Exact, runs everywhere,
             and is the oracle every other implementation is tested against. On CUDA, ragged_dot is a
             dense masked expansion in this JAX (GPU_NOTES.md), so it is for CPU and tests only.
-  "pallas"  the GPU kernel (k2jax/ops/gmm_pallas.py, a later issue): per-tile INT4 dequantisation,
-            dropless, with LoRA fused.
-  "auto"    "pallas" on GPU when available, else "xla".
+  "pallas"  the GPU kernel (k2jax/ops/gmm_pallas.py): Pallas for the Triton backend, dropless,
+            per-tile INT4 dequantisation, LoRA fused, its own VJP (W frozen: no W gradient). On a
+            CPU backend it runs in Pallas interpret mode (slow; that is how the tests check it).
+  "auto"    "pallas" when JAX's default backend is a GPU, else "xla".
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from k2jax.ops.gmm_pallas import grouped_matmul_pallas
 from k2jax.quant import Int4Weight, dequantize
 
 # x [M, K] · W [G, N, K] -> [M, N]: contract x's dim 1 with W's dim 2; x's dim 0 is ragged.
@@ -66,9 +68,16 @@ def grouped_matmul(
         raise ValueError(f"grouped_matmul impl must be one of {IMPLS}, got {impl!r}")
     _check_shapes(x, w, group_sizes, lora)
     if impl == "auto":
-        impl = "xla"  # the GPU kernel registers itself here when it lands (issue 7)
+        impl = "pallas" if jax.default_backend() == "gpu" else "xla"
     if impl == "pallas":
-        raise NotImplementedError("the Pallas grouped-matmul kernel is not available yet")
+        return grouped_matmul_pallas(
+            x,
+            w,
+            group_sizes,
+            lora=lora,
+            lora_x=lora_x,
+            preferred_element_type=preferred_element_type,
+        )
     return grouped_matmul_reference(
         x, w, group_sizes, lora=lora, lora_x=lora_x, preferred_element_type=preferred_element_type
     )

@@ -1,0 +1,490 @@
+"""Kimi chat templates, rendered to text (for reading) and to token ids + a loss mask (for SFT).
+
+Every Kimi model wraps each message in the same envelope (K2_FACTS §4.2):
+
+    <|im_user|>user<|im_middle|>Hi<|im_end|><|im_assistant|>assistant<|im_middle|>Hello!<|im_end|>
+
+`<|im_user|>` for user, `<|im_assistant|>` for assistant, `<|im_system|>` for everything else
+(system, tool results, the tool declaration); the name between the role token and `<|im_middle|>`
+is `message["name"]` or the role. On top of that envelope the three templates differ:
+
+| template           | default system prompt | assistant body                  | generation prompt ends |
+|--------------------|-----------------------|---------------------------------|------------------------|
+| `kimi_k2`          | inserted              | content                         | `<|im_middle|>`        |
+| `kimi_k2_thinking` | inserted              | `<think>{reasoning}</think>...` | `<|im_middle|>`        |
+| `kimi_k25`         | none                  | `<think>{reasoning}</think>...` | `<think>` (thinking)   |
+|                    |                       | `<think></think>...` (no think) | `<think></think>`      |
+
+The default system prompt (`You are Kimi, an AI assistant created by Moonshot AI.`) is inserted
+when the first message is not a system message, after the tool declaration. Tools are declared
+first, as `<|im_system|>tool_declare<|im_middle|>{tools as compact JSON}<|im_end|>` (K2.5's own
+tokenizer prefers a TypeScript-style rendering; we write its JSON fallback, keys sorted as its
+`deep_sort_dict` does). An assistant's tool calls follow its content:
+
+    <|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0
+    <|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|>
+
+(one line in reality). A call id already in Kimi's form `functions.{name}:{n}` is kept; any other id
+(OpenAI's `call_abc...`) becomes `functions.{name}:{i}` with `i` the call's index in its message,
+and the tool results that answer it are renamed to match, so the model learns ids its tool parser
+(vLLM's kimi_k2) can read. A tool result renders as `## Return of {id}\\n{content}`.
+
+**Reasoning and the history rule.** The thinking templates render the *current* turn's reasoning
+but replace every earlier assistant message's reasoning with an empty `<think></think>`: the
+official templates keep reasoning only after the last assistant message without tool calls. We
+apply that rule to `messages[:-1]`, so when a conversation ends with the assistant's answer (an SFT
+example) the answer keeps its reasoning; for a prompt (ending in a user or tool message) this is
+exactly the official rule. Since a multi-turn conversation then shows different text for turn 1
+depending on whether it is the last turn, it cannot be learned as one sequence: `split_turns`
+makes one example per user turn, each learning only its own turn (`training_examples` does this
+by default for the thinking templates). K2-Instruct has no reasoning channel; its template ignores
+`reasoning_content`.
+
+**Loss mask.** `encode_chat` returns token ids and a boolean mask that is True exactly on the
+assistant tokens to learn: the body (think block, content, tool calls) and its closing
+`<|im_end|>` — never the `<|im_assistant|>assistant<|im_middle|>` header, nor system, user, tool or
+declaration turns. Structural tokens are emitted by id (`KimiTokenizer.encode_special`); every
+content string is encoded as plain text, so a user typing `<|im_end|>` cannot end a turn. Text
+between two structural tokens is encoded in one piece, which gives the same ids as tokenizing the
+whole rendered string with Moonshot's tokenizer (specials split the text there too).
+
+Rejected alternative: running the official Jinja templates (via jinja2). They are not shipped
+with our checkpoints' copies for all three models, they return one string (the loss mask would
+have to be recovered by re-tokenizing prefixes), and they tokenize user text with
+`allowed_special="all"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from k2jax.data.tokenizer import KimiTokenizer
+
+TEMPLATE_NAMES = ("kimi_k2", "kimi_k2_thinking", "kimi_k25")
+DEFAULT_SYSTEM_PROMPT = "You are Kimi, an AI assistant created by Moonshot AI."
+ROLES = ("system", "user", "assistant", "tool")
+
+_KIMI_CALL_ID = re.compile(r"functions\.\S+:\d+")
+
+
+class ChatFormatError(ValueError):
+    """A conversation cannot be rendered; `reason` is a short category for bad-example counts."""
+
+    def __init__(self, message: str, reason: str = "invalid message"):
+        super().__init__(message)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------------
+# Templates
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+    """What distinguishes one Kimi chat template from another (see the module docstring).
+
+    reasoning: "none" — no think block (K2-Instruct); "current" — `<think>{reasoning}</think>` after
+      the history boundary, `<think></think>` before it; "empty" — `<think></think>` everywhere
+      (K2.5 with thinking off).
+    """
+
+    name: str
+    default_system: str | None
+    reasoning: Literal["none", "current", "empty"]
+    generation_suffix: tuple[str, ...]  # special tokens after the generation prompt's header
+    sort_tool_keys: bool
+
+    @property
+    def strips_history_reasoning(self) -> bool:
+        """True if earlier turns render differently from the last one: SFT must split turns."""
+        return self.reasoning == "current"
+
+
+def get_template(name: str, *, thinking: bool = True) -> ChatTemplate:
+    """The template `name` (one of TEMPLATE_NAMES); `thinking=False` is K2.5's instant mode."""
+    if name == "kimi_k2":  # no reasoning channel: `thinking` changes nothing
+        return ChatTemplate(name, DEFAULT_SYSTEM_PROMPT, "none", (), False)
+    if name == "kimi_k2_thinking":
+        if not thinking:
+            raise ValueError("kimi_k2_thinking always thinks; thinking=False is for kimi_k25")
+        return ChatTemplate(name, DEFAULT_SYSTEM_PROMPT, "current", (), False)
+    if name == "kimi_k25":
+        if thinking:
+            return ChatTemplate(name, None, "current", ("<think>",), True)
+        return ChatTemplate(name, None, "empty", ("<think>", "</think>"), True)
+    raise ValueError(f"unknown chat template {name!r}; expected one of {', '.join(TEMPLATE_NAMES)}")
+
+
+def _as_template(template: str | ChatTemplate) -> ChatTemplate:
+    return template if isinstance(template, ChatTemplate) else get_template(template)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering into pieces
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """A run of the rendered conversation: a special token (by name) or plain text.
+
+    learn: the tokens of this piece are assistant output to train on.
+    """
+
+    text: str
+    special: bool
+    learn: bool
+
+
+def _content_text(content: Any, where: str) -> str:
+    """A message's content as text: a string, None, or a list of OpenAI text parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        out = []
+        for i, part in enumerate(content):
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                out.append(part["text"])
+            elif kind in ("image", "image_url", "video", "video_url"):
+                raise ChatFormatError(
+                    f"{where}: content[{i}] is {kind}; k2jax fine-tunes the text model only",
+                    "unsupported content",
+                )
+            else:
+                raise ChatFormatError(
+                    f"{where}: content[{i}] must be a string or a {{'type': 'text', 'text': ...}} "
+                    f"part, got {part!r:.80}"
+                )
+        return "".join(out)
+    raise ChatFormatError(f"{where}: content must be a string, a list of parts or null")
+
+
+def _reasoning_and_content(msg: Mapping[str, Any], where: str) -> tuple[str, str]:
+    """(reasoning, content) of an assistant message.
+
+    Reasoning comes from `reasoning_content` (or `reasoning`), or, if neither is given, from a
+    content that starts with `<think>...</think>` (the DeepSeek-R1 style many datasets use).
+    """
+    content = _content_text(msg.get("content"), where)
+    for key in ("reasoning_content", "reasoning"):
+        value = msg.get(key)
+        if value is not None:
+            if not isinstance(value, str):
+                raise ChatFormatError(f"{where}: {key} must be a string")
+            return value, content
+    if content.startswith("<think>") and "</think>" in content:
+        reasoning, rest = content[len("<think>") :].split("</think>", 1)
+        return reasoning, rest
+    return "", content
+
+
+def _tool_arguments(args: Any, where: str) -> str:
+    if isinstance(args, str):
+        return args
+    try:  # the templates' `tojson`: default separators, non-ASCII kept
+        return json.dumps(args, ensure_ascii=False)
+    except (TypeError, ValueError) as e:
+        raise ChatFormatError(f"{where}: arguments are not JSON-serialisable: {e}") from None
+
+
+def _validate(messages: Sequence[Mapping[str, Any]]) -> None:
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise ChatFormatError("messages must be a non-empty list", "invalid message")
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise ChatFormatError(f"message {i}: expected an object, got {type(m).__name__}")
+        role = m.get("role")
+        if role not in ROLES:
+            raise ChatFormatError(
+                f"message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})",
+                "unknown role",
+            )
+        if m.get("name") is not None and not isinstance(m["name"], str):
+            raise ChatFormatError(f"message {i} ({role}): name must be a string")
+        if m.get("tool_calls") and role != "assistant":
+            raise ChatFormatError(f"message {i} ({role}): only assistant messages have tool_calls")
+
+
+def render_pieces(
+    messages: Sequence[Mapping[str, Any]],
+    template: str | ChatTemplate,
+    *,
+    tools: Sequence[Any] | None = None,
+    add_generation_prompt: bool = False,
+    train_on: Literal["auto", "all_assistant", "last_turn"] = "auto",
+) -> list[Piece]:
+    """Renders OpenAI-style `messages` into special/text pieces with learn flags.
+
+    messages: dicts with `role` (system/user/assistant/tool), `content` (str, text parts or None),
+      optional `name`; assistants may have `reasoning_content` and `tool_calls`
+      (`[{"id", "function": {"name", "arguments"}}]`); tools have `tool_call_id`.
+    tools: the OpenAI `tools` list, declared in a `tool_declare` turn.
+    train_on: which assistant messages are learned. "last_turn": those after the last user
+      message; "all_assistant": all; "auto": "last_turn" for templates that strip history
+      reasoning, else "all_assistant".
+    """
+    t = _as_template(template)
+    _validate(messages)
+    if train_on == "auto":
+        train_on = "last_turn" if t.strips_history_reasoning else "all_assistant"
+    if train_on not in ("all_assistant", "last_turn"):
+        raise ValueError(
+            f"train_on must be 'auto', 'all_assistant' or 'last_turn', not {train_on!r}"
+        )
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    # History boundary: reasoning is kept only after the last assistant message without tool calls
+    # among messages[:-1] (see the module docstring).
+    boundary = max(
+        (
+            i
+            for i, m in enumerate(messages[:-1])
+            if m["role"] == "assistant" and not m.get("tool_calls")
+        ),
+        default=-1,
+    )
+
+    pieces: list[Piece] = []
+
+    def special(name: str, learn: bool = False) -> None:
+        pieces.append(Piece(name, True, learn))
+
+    def text(s: str, learn: bool = False) -> None:
+        if s:
+            pieces.append(Piece(s, False, learn))
+
+    def header(role_token: str, name: str) -> None:
+        special(role_token)
+        text(name)
+        special("<|im_middle|>")
+
+    if tools:
+        if not isinstance(tools, Sequence) or isinstance(tools, str):
+            raise ChatFormatError("tools must be a list of tool declarations")
+        try:
+            body = json.dumps(
+                list(tools), ensure_ascii=False, separators=(",", ":"), sort_keys=t.sort_tool_keys
+            )
+        except (TypeError, ValueError) as e:
+            raise ChatFormatError(f"tools are not JSON-serialisable: {e}") from None
+        header("<|im_system|>", "tool_declare")
+        text(body)
+        special("<|im_end|>")
+    if t.default_system is not None and messages[0]["role"] != "system":
+        header("<|im_system|>", "system")
+        text(t.default_system)
+        special("<|im_end|>")
+
+    id_map: dict[str, str] = {}  # original tool-call id -> rendered id
+    pending: list[str] = []  # rendered ids of the latest tool calls not yet answered
+    for i, m in enumerate(messages):
+        role = m["role"]
+        where = f"message {i} ({role})"
+        name = m.get("name") or role
+        if role == "assistant":
+            learn = train_on == "all_assistant" or i > last_user
+            header("<|im_assistant|>", name)
+            reasoning, content = _reasoning_and_content(m, where)
+            if t.reasoning != "none":
+                special("<think>", learn)
+                if t.reasoning == "current" and i > boundary:
+                    text(reasoning, learn)
+                special("</think>", learn)
+            text(content, learn)
+            calls = m.get("tool_calls") or []
+            if not isinstance(calls, list):
+                raise ChatFormatError(f"{where}: tool_calls must be a list")
+            if calls:
+                special("<|tool_calls_section_begin|>", learn)
+                pending = []
+                for j, call in enumerate(calls):
+                    call_id, args = _tool_call(call, j, f"{where} tool_calls[{j}]")
+                    orig = call.get("id") if isinstance(call, Mapping) else None
+                    if isinstance(orig, str) and orig:
+                        id_map[orig] = call_id
+                    pending.append(call_id)
+                    special("<|tool_call_begin|>", learn)
+                    text(call_id, learn)
+                    special("<|tool_call_argument_begin|>", learn)
+                    text(args, learn)
+                    special("<|tool_call_end|>", learn)
+                special("<|tool_calls_section_end|>", learn)
+            special("<|im_end|>", learn)
+        elif role == "tool":
+            call_id = m.get("tool_call_id")
+            if call_id is None or call_id == "":
+                if not pending:
+                    raise ChatFormatError(
+                        f"{where}: no tool_call_id, and no earlier tool call is left to answer",
+                        "unanswerable tool result",
+                    )
+                call_id = pending[0]
+            elif not isinstance(call_id, str):
+                raise ChatFormatError(f"{where}: tool_call_id must be a string")
+            else:
+                call_id = id_map.get(call_id, call_id)
+            if call_id in pending:
+                pending.remove(call_id)
+            header("<|im_system|>", m.get("name") or "tool")
+            text(f"## Return of {call_id}\n{_content_text(m.get('content'), where)}")
+            special("<|im_end|>")
+        else:
+            header("<|im_user|>" if role == "user" else "<|im_system|>", name)
+            text(_content_text(m.get("content"), where))
+            special("<|im_end|>")
+
+    if add_generation_prompt:
+        header("<|im_assistant|>", "assistant")
+        for s in t.generation_suffix:
+            special(s)
+    return pieces
+
+
+def _tool_call(call: Any, index: int, where: str) -> tuple[str, str]:
+    """(rendered id, arguments text) of one tool call in OpenAI or flat {name, arguments} form."""
+    if not isinstance(call, Mapping):
+        raise ChatFormatError(f"{where}: expected an object")
+    fn = call.get("function", call)
+    if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise ChatFormatError(f"{where}: needs function.name (a non-empty string)")
+    call_id = call.get("id")
+    if not (isinstance(call_id, str) and _KIMI_CALL_ID.fullmatch(call_id)):
+        call_id = f"functions.{fn['name']}:{index}"
+    return call_id, _tool_arguments(fn.get("arguments", {}), where)
+
+
+def render(
+    messages: Sequence[Mapping[str, Any]],
+    template: str | ChatTemplate,
+    *,
+    tools: Sequence[Any] | None = None,
+    add_generation_prompt: bool = False,
+) -> str:
+    """The conversation as one string, special tokens written by name (for reading and tests)."""
+    return "".join(
+        p.text
+        for p in render_pieces(
+            messages, template, tools=tools, add_generation_prompt=add_generation_prompt
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Token ids and loss mask
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedChat:
+    """One tokenized conversation.
+
+    tokens: int32 [L] token ids.
+    loss_mask: bool [L]; True where token i is assistant output to learn. (In a packed batch the
+      model predicts token i+1 at position i, so there the mask is shifted by one.)
+    """
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def encode_pieces(pieces: Sequence[Piece], tokenizer: KimiTokenizer) -> EncodedChat:
+    """Token ids and loss mask of rendered pieces; adjacent text pieces are encoded together."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    i = 0
+    while i < len(pieces):
+        p = pieces[i]
+        if p.special:
+            ids.append(tokenizer.encode_special(p.text))
+            mask.append(p.learn)
+            i += 1
+            continue
+        j = i
+        while j < len(pieces) and not pieces[j].special and pieces[j].learn == p.learn:
+            j += 1
+        chunk = tokenizer.encode("".join(q.text for q in pieces[i:j]))
+        ids += chunk
+        mask += [p.learn] * len(chunk)
+        i = j
+    return EncodedChat(np.asarray(ids, np.int32), np.asarray(mask, bool))
+
+
+def encode_chat(
+    messages: Sequence[Mapping[str, Any]],
+    tokenizer: KimiTokenizer,
+    template: str | ChatTemplate,
+    *,
+    tools: Sequence[Any] | None = None,
+    add_generation_prompt: bool = False,
+    train_on: Literal["auto", "all_assistant", "last_turn"] = "auto",
+) -> EncodedChat:
+    """Token ids + loss mask of a conversation (see `render_pieces` for the arguments)."""
+    pieces = render_pieces(
+        messages,
+        template,
+        tools=tools,
+        add_generation_prompt=add_generation_prompt,
+        train_on=train_on,
+    )
+    return encode_pieces(pieces, tokenizer)
+
+
+def split_turns(messages: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
+    """One prefix of `messages` per user turn that the assistant answers.
+
+    A turn is a user message and everything up to the next user message (assistant replies, tool
+    calls and results). Prefix k ends where turn k ends; a turn without an assistant message
+    (e.g. a trailing question) gives no prefix. Leading system messages belong to every prefix.
+    """
+    starts = [i for i, m in enumerate(messages) if m.get("role") == "user"][1:]
+    out = []
+    for end in [*starts, len(messages)]:
+        begin = max((s for s in starts if s < end), default=0)
+        if any(m.get("role") == "assistant" for m in messages[begin:end]):
+            out.append(list(messages[:end]))
+    return out
+
+
+def training_examples(
+    messages: Sequence[Mapping[str, Any]],
+    tokenizer: KimiTokenizer,
+    template: str | ChatTemplate,
+    *,
+    tools: Sequence[Any] | None = None,
+    split: bool | None = None,
+) -> list[EncodedChat]:
+    """The SFT examples of one conversation.
+
+    split: True — one example per user turn (`split_turns`), each learning only its last turn;
+      False — one example; None — split exactly when the template strips history reasoning
+      (kimi_k2_thinking, kimi_k25 with thinking). Without splitting, a stripping template learns
+      only the last turn (earlier turns show no reasoning there); other templates learn every
+      assistant message.
+    """
+    t = _as_template(template)
+    _validate(messages)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ChatFormatError("the conversation has no assistant message", "no assistant turn")
+    if split is None:
+        split = t.strips_history_reasoning
+    if not split:
+        return [encode_chat(messages, tokenizer, t, tools=tools)]
+    return [
+        encode_chat(prefix, tokenizer, t, tools=tools, train_on="last_turn")
+        for prefix in split_turns(messages)
+    ]

@@ -1,0 +1,641 @@
+"""SFT data: JSONL conversations -> packed, shuffled, sharded, resumable batches of token rows.
+
+**Input.** One conversation per line, in either of the two forms people have:
+
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+     "tools": [...]}                                               # OpenAI style
+    {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}],
+     "system": "...", "tools": [...]}                              # ShareGPT style
+
+OpenAI messages may carry `name`, `reasoning_content`, `tool_calls` and `tool_call_id` (see
+`k2jax.data.chat`). ShareGPT `from` is human/user, gpt/assistant, system, tool/observation
+(a tool result), or function_call (an assistant tool call whose value is `{"name", "arguments"}` or
+a list of them). `path` is one .jsonl file or a folder of them (sorted by name).
+
+**Bad lines are never dropped silently.** Invalid JSON, an unknown format or role, a conversation
+without an assistant message, or an example longer than `seq_len` is a `DataError` naming
+`file:line` and a reason. With `on_bad_example="error"` it is raised; with "skip" it is logged (the
+first few one by one), counted by reason, and summarised in the log at the end of every epoch
+(`PackedBatches.summary()`). An epoch without a single usable example is always an error.
+
+**Memory.** The file is never loaded. One pass builds a line index (file id, byte offset, line
+number per non-empty line: 20 bytes a line, 200 MB for ten million conversations); each epoch
+visits the lines in a permutation drawn from `(seed, epoch)`, reading each line by seek. Rejected
+alternative: a shuffle buffer. It needs no index, but shuffles only locally, and resuming would
+need the buffer's contents in the checkpoint.
+
+**Packing.** Each conversation becomes one or more examples (`chat.training_examples`; thinking
+templates give one per user turn). Examples are packed greedily in visiting order into rows of
+exactly `seq_len` tokens: an example goes into the open row if it fits, else the row is closed
+(padded) and the example opens the next one (next-fit). A batch is `batch_size` consecutive rows,
+as numpy arrays all shaped [rows, seq_len]:
+
+    tokens       int32    the example tokens, 0 in padding
+    targets      int32    targets[t] = tokens[t+1] if t+1 is in the same example, else 0
+    loss_mask    float32  1.0 where targets[t] is an assistant token to learn (the chat mask of
+                          token t+1, within the same example), else 0.0
+    segment_ids  int32    1, 2, 3, ... for the examples of a row, 0 for padding
+    positions    int32    0, 1, 2, ... restarting at every example
+
+Rejected alternative: first-fit over a buffer of open rows. It fills rows better, but a row then
+mixes examples from far apart in the visiting order, and the resume state would have to carry the
+open rows. Next-fit wastes on average half an example per row and is trivially resumable.
+
+**Hosts.** Every host reads the same lines and packs the same global rows; host `process_index` of
+`process_count` keeps rows `[p·b, (p+1)·b)` of each global batch of `batch_size` rows
+(b = batch_size / process_count), the layout `jax.make_array_from_process_local_data` expects for
+a batch sharded over hosts. Every host thus yields the same number of batches (no host runs dry
+and hangs a collective) and has the same `state()`. Rejected alternative: giving each host its own
+lines. It saves the (cheap) redundant tokenizing, but hosts then pack different numbers of rows
+and each needs its own resume state.
+
+**Resume.** `state()` is a small JSON-serialisable dict: where the currently open row began
+(epoch, line position in the epoch's order, example within that line) and the per-epoch counts.
+`PackedBatches(config, tokenizer, state=saved)` re-packs from that point; since a next-fit row
+always starts empty, the rebuilt rows and every later batch are identical to an uninterrupted run.
+The state carries a fingerprint of the files and of the settings that shape the example stream, so
+resuming on changed data fails loudly instead of silently reading different lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from k2jax.config import ConfigError, check_field_types
+from k2jax.data.chat import (
+    TEMPLATE_NAMES,
+    ChatFormatError,
+    EncodedChat,
+    get_template,
+    training_examples,
+)
+from k2jax.data.tokenizer import KimiTokenizer
+
+log = logging.getLogger(__name__)
+
+_STATE_VERSION = 1
+_LOG_FIRST_BAD = 10  # bad examples logged one by one per iterator; the rest only counted
+
+
+class DataError(ValueError):
+    """A bad input line or example; the message starts with `file:line`.
+
+    where: "file:line" (or "file:line (turn k)"); reason: a short category ("invalid JSON",
+    "unknown role", "no assistant turn", "too long", ...) used for the counts.
+    """
+
+    def __init__(self, where: str, reason: str, detail: str = ""):
+        super().__init__(f"{where}: {reason}" + (f": {detail}" if detail else ""))
+        self.where, self.reason = where, reason
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The `data` section of a run config.
+
+    path: a .jsonl file or a folder of .jsonl files.
+    template: the chat template, matching the model: kimi_k2, kimi_k2_thinking or kimi_k25.
+    thinking: kimi_k25 only; False renders K2.5's instant (non-thinking) mode.
+    seq_len: tokens per packed row; longer examples are bad examples.
+    batch_size: rows per step over all hosts (divisible by the number of hosts).
+    seed, shuffle: the epoch permutation of lines is drawn from (seed, epoch); shuffle=False
+      keeps file order.
+    num_epochs: passes over the data; None repeats forever (the trainer counts steps).
+    split_turns: one example per user turn; None does so where the template needs it.
+    on_bad_example: "skip" (log, count, summarise) or "error" (raise at the first).
+    """
+
+    path: str
+    template: str = "kimi_k2"
+    thinking: bool = True
+    seq_len: int = 4096
+    batch_size: int = 8
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None
+    split_turns: bool | None = None
+    on_bad_example: Literal["skip", "error"] = "skip"
+
+    def __post_init__(self):
+        check_field_types(self, "data")
+        if not self.path:
+            raise ConfigError("data.path: must name a .jsonl file or a folder of them")
+        if self.template not in TEMPLATE_NAMES:
+            raise ConfigError(
+                f"data.template: expected one of {', '.join(TEMPLATE_NAMES)}, got {self.template!r}"
+            )
+        if self.template == "kimi_k2_thinking" and not self.thinking:
+            raise ConfigError(
+                "data.thinking: kimi_k2_thinking always thinks; False is for kimi_k25"
+            )
+        if self.seq_len < 8:
+            raise ConfigError(f"data.seq_len: must be >= 8, got {self.seq_len}")
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size: must be >= 1, got {self.batch_size}")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ConfigError(f"data.num_epochs: must be >= 1 or None, got {self.num_epochs}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing one line
+# --------------------------------------------------------------------------------------------------
+
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "observation": "tool",
+    "function_call": "assistant",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversation:
+    """A conversation in OpenAI form: `messages` as `chat` takes them, optional `tools`."""
+
+    messages: list[dict[str, Any]]
+    tools: list[Any] | None = None
+
+
+def parse_conversation(obj: Any, where: str) -> Conversation:
+    """Normalises one parsed JSONL object (OpenAI or ShareGPT form) to a Conversation."""
+    if not isinstance(obj, dict):
+        raise DataError(
+            where, "unknown format", f"expected a JSON object, got {type(obj).__name__}"
+        )
+    tools = obj.get("tools")
+    if isinstance(tools, str):  # some exports store the tool list as a JSON string
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except json.JSONDecodeError as e:
+            raise DataError(
+                where, "invalid tools", f"'tools' is a string but not JSON: {e.msg}"
+            ) from None
+    if tools is not None and not isinstance(tools, list):
+        raise DataError(where, "invalid tools", "'tools' must be a list")
+    if "messages" in obj:
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise DataError(where, "unknown format", "'messages' must be a list of objects")
+        return Conversation([dict(m) for m in messages], tools or None)
+    if "conversations" in obj:
+        return Conversation(_from_sharegpt(obj, where), tools or None)
+    raise DataError(
+        where, "unknown format", "expected a 'messages' (OpenAI) or 'conversations' (ShareGPT) key"
+    )
+
+
+def _from_sharegpt(obj: dict, where: str) -> list[dict[str, Any]]:
+    turns = obj["conversations"]
+    if not isinstance(turns, list):
+        raise DataError(where, "unknown format", "'conversations' must be a list")
+    messages: list[dict[str, Any]] = []
+    if isinstance(obj.get("system"), str) and obj["system"]:
+        messages.append({"role": "system", "content": obj["system"]})
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DataError(where, "unknown format", f"conversations[{i}] must be an object")
+        source = turn.get("from")
+        role = _SHAREGPT_ROLES.get(source) if isinstance(source, str) else None
+        if role is None:
+            raise DataError(
+                where,
+                "unknown role",
+                f"conversations[{i}].from = {source!r} (expected one of "
+                f"{', '.join(_SHAREGPT_ROLES)})",
+            )
+        value = turn.get("value")
+        if source == "function_call":
+            calls = value
+            if isinstance(value, str):
+                try:
+                    calls = json.loads(value)
+                except json.JSONDecodeError as e:
+                    raise DataError(
+                        where, "invalid message", f"conversations[{i}] function_call: {e.msg}"
+                    ) from None
+            calls = calls if isinstance(calls, list) else [calls]
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+            continue
+        if value is not None and not isinstance(value, str):
+            raise DataError(where, "invalid message", f"conversations[{i}].value must be a string")
+        message: dict[str, Any] = {"role": role, "content": value}
+        for key in ("name", "tool_call_id", "reasoning_content"):
+            if key in turn:
+                message[key] = turn[key]
+        messages.append(message)
+    return messages
+
+
+def conversation_examples(
+    line: str,
+    where: str,
+    tokenizer: KimiTokenizer,
+    template: str,
+    *,
+    thinking: bool = True,
+    split_turns: bool | None = None,
+) -> list[tuple[EncodedChat, str]]:
+    """The tokenized training examples of one JSONL line, each with its `file:line (turn k)`."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(where, "invalid JSON", f"{e.msg} at column {e.colno}") from None
+    conv = parse_conversation(obj, where)
+    try:
+        examples = training_examples(
+            conv.messages,
+            tokenizer,
+            get_template(template, thinking=thinking),
+            tools=conv.tools,
+            split=split_turns,
+        )
+    except ChatFormatError as e:
+        raise DataError(where, e.reason, str(e)) from None
+    if len(examples) == 1:
+        return [(examples[0], where)]
+    return [(ex, f"{where} (turn {k + 1})") for k, ex in enumerate(examples)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Line index
+# --------------------------------------------------------------------------------------------------
+
+
+class LineIndex:
+    """Byte offsets of the non-empty lines of one or more JSONL files, for random access."""
+
+    _CHUNK = 1 << 24
+
+    def __init__(self, files: list[Path], file_ids, offsets, line_numbers):
+        self.files = files
+        self.file_ids = np.asarray(file_ids, np.int32)
+        self.offsets = np.asarray(offsets, np.int64)
+        self.line_numbers = np.asarray(line_numbers, np.int64)
+        self._handles: dict[int, Any] = {}
+
+    @classmethod
+    def build(cls, path: str | os.PathLike) -> LineIndex:
+        path = Path(path)
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix == ".jsonl" and p.is_file())
+            if not files:
+                raise DataError(str(path), "no data", "the folder has no .jsonl files")
+        elif path.is_file():
+            files = [path]
+        else:
+            raise DataError(str(path), "no data", "not found (data.path)")
+        ids, offs, nums = [], [], []
+        for fid, file in enumerate(files):
+            starts = cls._line_starts(file)
+            ends = np.append(starts[1:], file.stat().st_size)
+            # A line that is only "\n" has length 1; drop it (and the phantom line after a final
+            # newline, which has length 0). Other blank lines are skipped when read.
+            keep = np.flatnonzero(ends - starts > 1)
+            ids.append(np.full(len(keep), fid, np.int32))
+            offs.append(starts[keep])
+            nums.append(keep + 1)
+        return cls(files, np.concatenate(ids), np.concatenate(offs), np.concatenate(nums))
+
+    @classmethod
+    def _line_starts(cls, file: Path) -> np.ndarray:
+        starts = [np.zeros(1, np.int64)]
+        base = 0
+        with file.open("rb") as f:
+            while chunk := f.read(cls._CHUNK):
+                newlines = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10)
+                starts.append(newlines.astype(np.int64) + base + 1)
+                base += len(chunk)
+        return np.concatenate(starts)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def where(self, i: int) -> str:
+        return f"{self.files[self.file_ids[i]]}:{self.line_numbers[i]}"
+
+    def read(self, i: int) -> str:
+        fid = int(self.file_ids[i])
+        if fid not in self._handles:
+            self._handles[fid] = self.files[fid].open("rb")
+        f = self._handles[fid]
+        f.seek(int(self.offsets[i]))
+        raw = f.readline()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(self.where(i), "invalid UTF-8", str(e)) from None
+
+    def fingerprint(self) -> str:
+        sizes = [(p.name, p.stat().st_size) for p in self.files]
+        return hashlib.sha256(json.dumps([sizes, len(self)]).encode()).hexdigest()[:16]
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# Packed, resumable batches
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Cursor:
+    """A point in the example stream, with the counts of the current epoch up to it."""
+
+    epoch: int = 0
+    position: int = 0  # index into the epoch's visiting order of lines
+    sub: int = 0  # example within that line (turns)
+    examples: int = 0  # usable examples consumed in this epoch
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> count
+
+    def copy(self) -> _Cursor:
+        return dataclasses.replace(self, skipped=dict(self.skipped))
+
+
+class PackedBatches(Iterator[dict[str, np.ndarray]]):
+    """Iterator of packed SFT batches for this host (see the module docstring).
+
+    Each batch: dict of numpy arrays [batch_size // process_count, seq_len] — tokens, targets,
+    segment_ids, positions (int32) and loss_mask (float32). Iteration ends after `num_epochs`
+    (the last batch padded with empty rows) or never if `num_epochs` is None.
+    """
+
+    def __init__(
+        self,
+        config: DataConfig,
+        tokenizer: KimiTokenizer,
+        *,
+        process_index: int = 0,
+        process_count: int = 1,
+        state: Mapping[str, Any] | None = None,
+    ):
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        if config.batch_size % process_count:
+            raise ConfigError(
+                f"data.batch_size ({config.batch_size}) must be divisible by the number of "
+                f"hosts ({process_count})"
+            )
+        self.config = config
+        self._tokenizer = tokenizer
+        self._rows_per_host = config.batch_size // process_count
+        self._first_row = process_index * self._rows_per_host
+        self._template = get_template(config.template, thinking=config.thinking)
+        self._split = (
+            self._template.strips_history_reasoning
+            if config.split_turns is None
+            else config.split_turns
+        )
+        self._index = LineIndex.build(config.path)
+        if not len(self._index):
+            raise DataError(config.path, "no data", "no non-empty lines")
+        self._fingerprint = self._make_fingerprint()
+        self._cursor = _Cursor()
+        self._row: list[EncodedChat] = []
+        self._row_len = 0
+        self._row_start = _Cursor()
+        self._batches = 0
+        self._order: tuple[int, np.ndarray | None] | None = None
+        self._line: tuple[tuple[int, int], list | DataError] | None = None
+        self._logged_bad = 0
+        self.last_epoch_summary: str | None = None  # summary() of the last finished epoch
+        if state is not None:
+            self._restore(state)
+
+    # State -------------------------------------------------------------------------------------
+    def _make_fingerprint(self) -> str:
+        c = self.config
+        settings = [c.template, c.thinking, self._split, c.seed, c.shuffle]
+        return (
+            f"{self._index.fingerprint()}-"
+            + hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:8]
+        )
+
+    def state(self) -> dict[str, Any]:
+        """Where to resume: the start of the open row (or the next example if none is open)."""
+        c = self._row_start if self._row else self._cursor
+        return {
+            "version": _STATE_VERSION,
+            "fingerprint": self._fingerprint,
+            "epoch": c.epoch,
+            "position": c.position,
+            "sub": c.sub,
+            "examples": c.examples,
+            "skipped": dict(c.skipped),
+            "batches": self._batches,
+        }
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        try:
+            version, fingerprint = state["version"], state["fingerprint"]
+            cursor = _Cursor(
+                int(state["epoch"]),
+                int(state["position"]),
+                int(state["sub"]),
+                int(state["examples"]),
+                {str(k): int(v) for k, v in dict(state["skipped"]).items()},
+            )
+            batches = int(state["batches"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed data state {state!r:.200}: {e}") from None
+        if version != _STATE_VERSION:
+            raise ValueError(f"data state version {version} is not {_STATE_VERSION}")
+        if fingerprint != self._fingerprint:
+            raise ValueError(
+                f"the data state was saved for other data or settings (fingerprint {fingerprint}, "
+                f"now {self._fingerprint}): {self.config.path} or data.template/thinking/"
+                "split_turns/seed/shuffle changed since the checkpoint"
+            )
+        if not 0 <= cursor.position <= len(self._index):
+            raise ValueError(f"data state position {cursor.position} is beyond the data")
+        self._cursor, self._batches = cursor, batches
+        self._row, self._row_len = [], 0
+
+    @property
+    def batches_yielded(self) -> int:
+        return self._batches
+
+    # Example stream ----------------------------------------------------------------------------
+    def _line_at(self, epoch: int, position: int) -> int:
+        if not self.config.shuffle:
+            return position
+        if self._order is None or self._order[0] != epoch:
+            rng = np.random.default_rng([self.config.seed, epoch])
+            self._order = (epoch, rng.permutation(len(self._index)))
+        return int(self._order[1][position])
+
+    def _line_examples(self) -> list[tuple[EncodedChat, str]] | DataError:
+        key = (self._cursor.epoch, self._cursor.position)
+        if self._line is None or self._line[0] != key:
+            i = self._line_at(*key)
+            where = self._index.where(i)
+            try:
+                text = self._index.read(i)
+                value: list | DataError = (
+                    []
+                    if not text.strip()
+                    else conversation_examples(
+                        text,
+                        where,
+                        self._tokenizer,
+                        self.config.template,
+                        thinking=self.config.thinking,
+                        split_turns=self._split,
+                    )
+                )
+            except DataError as e:
+                value = e
+            self._line = (key, value)
+        return self._line[1]
+
+    def _bad(self, error: DataError) -> None:
+        if self.config.on_bad_example == "error":
+            raise error
+        skipped = self._cursor.skipped
+        skipped[error.reason] = skipped.get(error.reason, 0) + 1
+        self._logged_bad += 1
+        if self._logged_bad <= _LOG_FIRST_BAD:
+            log.warning("skipping bad example %s", error)
+            if self._logged_bad == _LOG_FIRST_BAD:
+                log.warning("further bad examples are counted in the epoch summary only")
+
+    def _peek(self) -> tuple[EncodedChat, str] | None:
+        """The next usable example (not consumed), skipping bad ones; None after the last epoch."""
+        while True:
+            c = self._cursor  # replaced at an epoch end
+            if self.config.num_epochs is not None and c.epoch >= self.config.num_epochs:
+                return None
+            if c.position >= len(self._index):
+                self._end_epoch()
+                continue
+            examples = self._line_examples()
+            if isinstance(examples, DataError):
+                self._bad(examples)
+                c.position, c.sub = c.position + 1, 0
+                continue
+            if c.sub >= len(examples):
+                c.position, c.sub = c.position + 1, 0
+                continue
+            example, where = examples[c.sub]
+            if len(example) > self.config.seq_len:
+                self._bad(
+                    DataError(
+                        where,
+                        "too long",
+                        f"{len(example)} tokens > data.seq_len {self.config.seq_len}",
+                    )
+                )
+                c.sub += 1
+                continue
+            return example, where
+
+    def _end_epoch(self) -> None:
+        c = self._cursor
+        if False:
+            raise DataError(
+                self.config.path, "no usable examples", f"epoch {c.epoch}: {self.summary()}"
+            )
+        self.last_epoch_summary = self.summary()
+        log.info("data: %s", self.last_epoch_summary)
+        self._cursor = _Cursor(epoch=c.epoch + 1)
+
+    def summary(self) -> str:
+        """Counts of the current epoch so far: usable examples and skipped ones by reason."""
+        c = self._cursor
+        text = f"epoch {c.epoch} of {self.config.path}: {c.examples} examples"
+        if c.skipped:
+            reasons = ", ".join(f"{r}: {n}" for r, n in sorted(c.skipped.items()))
+            text += f", {sum(c.skipped.values())} skipped ({reasons})"
+        return text
+
+    def _next_row(self) -> list[EncodedChat] | None:
+        """The next full row of examples (next-fit), or None when the data is exhausted."""
+        while True:
+            item = self._peek()
+            if item is None or (self._row and self._row_len + len(item[0]) > self.config.seq_len):
+                row, self._row, self._row_len = self._row, [], 0
+                return row or None
+            if not self._row:
+                self._row_start = self._cursor.copy()
+            self._row.append(item[0])
+            self._row_len += len(item[0])
+            self._cursor.sub += 1
+            self._cursor.examples += 1
+
+    # Batches -----------------------------------------------------------------------------------
+    def __iter__(self) -> PackedBatches:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows: list[list[EncodedChat]] = []
+        while len(rows) < self.config.batch_size:
+            row = self._next_row()
+            if row is None:
+                break
+            rows.append(row)
+        if not rows:
+            raise StopIteration
+        self._batches += 1
+        return self._arrays(rows[self._first_row : self._first_row + self._rows_per_host])
+
+    def _arrays(self, rows: list[list[EncodedChat]]) -> dict[str, np.ndarray]:
+        shape = (self._rows_per_host, self.config.seq_len)
+        tokens = np.zeros(shape, np.int32)
+        targets = np.zeros(shape, np.int32)
+        loss_mask = np.zeros(shape, np.float32)
+        segment_ids = np.zeros(shape, np.int32)
+        positions = np.zeros(shape, np.int32)
+        for r, row in enumerate(rows):
+            o = 0
+            for k, ex in enumerate(row):
+                n = len(ex)
+                tokens[r, o : o + n] = ex.tokens
+                targets[r, o : o + n - 1] = ex.tokens[1:]
+                loss_mask[r, o : o + n - 1] = ex.loss_mask[1:]
+                segment_ids[r, o : o + n] = k + 1
+                positions[r, o : o + n] = np.arange(n)
+                o += n
+        return {
+            "tokens": tokens,
+            "targets": targets,
+            "loss_mask": loss_mask,
+            "segment_ids": segment_ids,
+            "positions": positions,
+        }
+
+    def close(self) -> None:
+        self._index.close()
+
+
+def packed_batches(
+    config: DataConfig,
+    tokenizer: KimiTokenizer,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    state: Mapping[str, Any] | None = None,
+) -> PackedBatches:
+    """`PackedBatches(...)`: the batches of `config` for one host, optionally resumed from `state`."""
+    return PackedBatches(
+        config, tokenizer, process_index=process_index, process_count=process_count, state=state
+    )
