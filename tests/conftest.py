@@ -16,8 +16,8 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["TIKTOKEN_CACHE_DIR"] = ""
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 # Parity with the torch reference is checked at 1e-5 in float32: no reduced-precision matmuls.
 jax.config.update("jax_default_matmul_precision", "highest")
