@@ -589,7 +589,8 @@ def _atomic_write(path: Path, write) -> None:
         if fd >= 0:
             os.close(fd)
         if tmp is not None:
-            pass
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def write_safetensors(

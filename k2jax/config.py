@@ -439,7 +439,13 @@ class _Delegate(config_parser.ParserDelegate):
         return _Macro(macro_name)
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+def _config_dir() -> Path:
+    from k2jax.configs import CONFIG_DIR as d
+
+    return d
+
+
+CONFIG_DIR = _config_dir()
 
 
 def _resolve_include(name: str, including: Path | None) -> Path:

@@ -179,6 +179,11 @@ def test_roundtrip_bit_exact_and_aligned(tmp_path):
             assert begin % got.dtype.itemsize == 0, f"{name} is not aligned in the file"
         keys = f.keys()
         assert [f.info(k).offsets[0] for k in keys] == sorted(f.info(k).offsets[0] for k in keys)
+    for k in range(1, 9):  # header lengths of every residue mod 8: the data must start aligned
+        path = write_safetensors(tmp_path / f"{k}.safetensors", {"n" * k: np.ones(2, np.float64)})
+        with SafetensorsFile(path) as f:
+            assert f._data_start % 8 == 0
+            np.testing.assert_array_equal(f.read("n" * k), np.ones(2))
 
 
 def test_read_is_lazy_view_and_rows(tmp_path):
