@@ -65,8 +65,9 @@ __all__ = [
 ]
 
 NONE, FP8, INT4 = "none", "fp8", "int4"
-# Names K2.5's wrapper model gives the text model's modules when its quantization_config lives
-# in `text_config` (whose module names have no prefix): stripped before matching.
+# K2.5 nests its quantization_config in `text_config`: it describes the text model, whose module
+# names have no prefix (its ignore list says plain "lm_head"), while the checkpoint's tensors
+# carry the wrapper's `language_model.` prefix. Names are matched relative to the text model.
 TEXT_MODEL_PREFIX = "language_model."
 _FP8_CHUNK_ELEMENTS = 1 << 24  # float32 working set of dequantize_fp8_block: 64 MiB
 
@@ -98,9 +99,10 @@ class WeightFormat:
     def is_quantized(self, module: str, *, linear: bool = True) -> bool:
         """Whether the checkpoint stores module `module`'s weight quantized.
 
-        `module` is an HF module name (`model.layers.3.mlp.experts.7.up_proj`, no `.weight`);
-        `linear` says whether it is a Linear layer (the router `mlp.gate` is not: it is a
-        custom module holding a bf16 weight, so "Linear" targets never cover it).
+        `module` is an HF module name (`model.layers.3.mlp.experts.7.up_proj`, no `.weight`;
+        K2.5's `language_model.` prefix may be present or already stripped); `linear` says
+        whether it is a Linear layer (the router `mlp.gate` is not: it is a custom module
+        holding a bf16 weight, so "Linear" targets never cover it).
 
         INT4 follows compressed-tensors `is_match`: quantized iff some target matches (the class
         name "Linear", an exact module name, or "re:<regex>" matched with re.match at the start

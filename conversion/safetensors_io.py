@@ -62,6 +62,7 @@ __all__ = [
     "DTYPES",
     "CheckpointError",
     "CheckpointIndex",
+    "MissingTensorError",
     "SafetensorsError",
     "SafetensorsFile",
     "TensorInfo",
@@ -107,6 +108,13 @@ class CheckpointError(ValueError):
 
 class SafetensorsError(CheckpointError):
     """A .safetensors file is malformed (truncated, bad header, inconsistent offsets, ...)."""
+
+
+class MissingTensorError(CheckpointError, KeyError):
+    """A tensor name that the file or checkpoint does not hold."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0])
 
 
 class TensorInfo(NamedTuple):
@@ -238,20 +246,22 @@ class SafetensorsFile:
                 raw = fh.read(n)
         except FileNotFoundError:
             raise CheckpointError(f"{self.path}: no such file") from None
+        self._size = size
         self._data_start = 8 + n
         self._tensors, self.metadata = _parse_header(self.path, raw, size - self._data_start)
+        self._keys = sorted(self._tensors, key=lambda name: self._tensors[name].offsets)
         self._mmap: np.memmap | None = None
         self._closed = False
 
     def keys(self) -> list[str]:
         """Tensor names in the order their data is stored (sequential reads follow it)."""
-        return sorted(self._tensors, key=lambda n: self._tensors[n].offsets)
+        return list(self._keys)
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
 
     def __iter__(self):
-        return iter(self.keys())
+        return iter(self._keys)
 
     def __len__(self) -> int:
         return len(self._tensors)
@@ -287,7 +297,13 @@ class SafetensorsFile:
             empty.flags.writeable = False
             return empty
         if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+            mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+            if len(mm) != self._size:
+                raise SafetensorsError(
+                    f"{self.path}: the file changed size ({self._size} -> {len(mm)} bytes) since "
+                    "its header was read"
+                )
+            self._mmap = mm
         # A plain ndarray over the mapping (not an np.memmap subclass); read-only like the mapping.
         return np.ndarray(shape, dtype, buffer=self._mmap, offset=begin)
 
@@ -306,22 +322,16 @@ class SafetensorsFile:
         return f"SafetensorsFile({str(self.path)!r}, {len(self)} tensors)"
 
 
-class MissingTensorError(CheckpointError, KeyError):
-    """A tensor name that the file or checkpoint does not hold."""
-
-    def __str__(self) -> str:  # KeyError would print the message quoted
-        return str(self.args[0])
-
-
 class CheckpointIndex:
     """The tensors of a Hugging Face checkpoint folder, wherever they are stored.
 
     A sharded checkpoint has `model.safetensors.index.json` whose `weight_map` names the shard
     file of every tensor ({"model.norm.weight": "model-00062-of-00064.safetensors", ...}); a small
     one is a single `model.safetensors`. The index is read at construction and every shard it
-    names must exist; shards are opened (header only) on first use, and at most `max_open_files`
-    stay open, least recently used closed first — a 64-shard checkpoint read layer by layer keeps
-    a handful mapped. `validate()` checks the whole index against the shard headers up front.
+    names must exist; shards are opened (header only) on first use, and the index keeps at most
+    `max_open_files` of them, forgetting the least recently used — a 64-shard checkpoint read
+    layer by layer keeps a handful mapped. `validate()` checks the whole index against the shard
+    headers up front. Safe to use from several threads.
     """
 
     def __init__(self, folder: str | os.PathLike, *, max_open_files: int = 16):
@@ -404,8 +414,9 @@ class CheckpointIndex:
             f = SafetensorsFile(self.folder / shard)
             self._open[shard] = f
             while len(self._open) > self.max_open_files:
-                _, old = self._open.popitem(last=False)
-                old.close()
+                # Forget the least recently used file; it is not closed, since another thread
+                # may still be reading through it. Its mapping goes away with the last reference.
+                self._open.popitem(last=False)
             return f
 
     def _entry(self, name: str) -> tuple[SafetensorsFile, str]:
@@ -492,51 +503,61 @@ def _no_weights_message(folder: Path) -> str:
 # Writing
 
 
-def _safetensors_dtype(name: str, arr: np.ndarray) -> str:
-    dt = arr.dtype
+class _Entry(NamedTuple):
+    name: str
+    value: object  # numpy array, memmap view, or anything np.asarray accepts (a jax.Array)
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def _entry_of(name, value) -> _Entry:
+    """Describes a tensor to write from its shape and dtype alone; the data is fetched (e.g. a
+    jax.Array copied to host) only when its turn to be written comes."""
+    if not isinstance(name, str) or not name or name == "__metadata__":
+        raise ValueError(f"invalid tensor name {name!r}")
+    if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        value = np.asarray(value)
+    dt = np.dtype(value.dtype)
     if dt.kind in "biuf" and dt.byteorder == ">":
         dt = dt.newbyteorder("<")
     st = _NAME_OF_DTYPE.get(dt)
     if st is None:
         hint = " (pack INT4 codes into int32 first: formats.pack_int4)" if "int4" in str(dt) else ""
         raise TypeError(
-            f"tensor {name!r}: dtype {arr.dtype} has no safetensors equivalent{hint}; "
+            f"tensor {name!r}: dtype {value.dtype} has no safetensors equivalent{hint}; "
             f"supported: {', '.join(str(d) for d in _NAME_OF_DTYPE)}"
         )
-    return st
+    shape = tuple(int(d) for d in value.shape)
+    return _Entry(name, value, st, shape, math.prod(shape) * dt.itemsize)
 
 
-def _plan(tensors: Mapping[str, np.ndarray]) -> list[tuple[str, np.ndarray, str]]:
-    """(name, array, safetensors dtype) in storage order.
+def _plan(tensors: Mapping[str, np.ndarray]) -> list[_Entry]:
+    """The tensors in storage order.
 
     Ordered like safetensors' own writer — widest dtype first, then by name — so every tensor
     starts at a multiple of its item size (the header is padded to 8 bytes), which keeps
     memory-mapped views aligned.
     """
-    items = []
-    for name, value in tensors.items():
-        if not isinstance(name, str) or not name or name == "__metadata__":
-            raise ValueError(f"invalid tensor name {name!r}")
-        arr = np.asarray(value)
-        items.append((name, arr, _safetensors_dtype(name, arr)))
-    items.sort(key=lambda t: (-t[1].dtype.itemsize, t[0]))
-    return items
+    entries = [_entry_of(name, value) for name, value in tensors.items()]
+    entries.sort(key=lambda e: (-DTYPES[e.dtype].itemsize, e.name))
+    return entries
 
 
-def _header_bytes(plan, metadata: Mapping[str, str] | None) -> bytes:
+def _header_bytes(plan: list[_Entry], metadata: Mapping[str, str] | None) -> bytes:
     header: dict = {}
     if metadata:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise TypeError("safetensors metadata must map strings to strings")
         header["__metadata__"] = dict(metadata)
     offset = 0
-    for name, arr, st in plan:
-        header[name] = {
-            "dtype": st,
-            "shape": list(arr.shape),
-            "data_offsets": [offset, offset + arr.nbytes],
+    for e in plan:
+        header[e.name] = {
+            "dtype": e.dtype,
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + e.nbytes],
         }
-        offset += arr.nbytes
+        offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw
@@ -611,10 +632,13 @@ def write_safetensors(
 
     def write(fd: int) -> None:
         _write_all(fd, header)
-        for _, arr, st in plan:
-            if arr.size:
-                data = np.ascontiguousarray(arr, dtype=DTYPES[st]).reshape(-1)
-                _write_all(fd, data.view(np.uint8))
+        for e in plan:
+            if e.nbytes:
+                # (ascontiguousarray turns 0-d into 1-d arrays; the byte count is what matters)
+                data = np.ascontiguousarray(np.asarray(e.value), dtype=DTYPES[e.dtype])
+                if data.nbytes != e.nbytes:
+                    raise ValueError(f"tensor {e.name!r} changed size while being written")
+                _write_all(fd, data.reshape(-1).view(np.uint8))
 
     _atomic_write(path, write)
     return path
@@ -666,7 +690,7 @@ def write_sharded_checkpoint(
     shards: list[tuple[Path, list[str]]] = []
     seen: set[str] = set()
     total = 0
-    pending: dict[str, np.ndarray] = {}
+    pending: dict[str, object] = {}
     pending_bytes = 0
 
     def flush() -> None:
@@ -682,13 +706,12 @@ def write_sharded_checkpoint(
             if name in seen:
                 raise ValueError(f"tensor {name!r} given twice")
             seen.add(name)
-            arr = np.asarray(value)
-            _safetensors_dtype(name, arr)  # fail before writing anything for a bad dtype
-            if pending and pending_bytes + arr.nbytes > max_shard_bytes:
+            entry = _entry_of(name, value)  # a bad dtype fails before this tensor is written
+            if pending and pending_bytes + entry.nbytes > max_shard_bytes:
                 flush()
-            pending[name] = arr
-            pending_bytes += arr.nbytes
-            total += arr.nbytes
+            pending[name] = entry.value
+            pending_bytes += entry.nbytes
+            total += entry.nbytes
         if pending:
             flush()
         if not shards:

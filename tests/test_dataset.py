@@ -16,6 +16,7 @@ from k2jax.data.chat import encode_chat
 from k2jax.data.dataset import (
     DataConfig,
     DataError,
+    LineIndex,
     PackedBatches,
     conversation_examples,
     packed_batches,
@@ -98,6 +99,7 @@ def test_config_validation():
         ({"template": "kimi_k2_thinking", "thinking": False}, "data.thinking"),
         ({"num_epochs": 0}, "data.num_epochs"),
         ({"batch_size": 0}, "data.batch_size"),
+        ({"seed": -1}, "data.seed"),
         ({"on_bad_example": "ignore"}, "data.on_bad_example"),
         ({"path": ""}, "data.path"),
     ]:
@@ -183,6 +185,23 @@ def test_bad_line_reasons(tok, line, reason):
     with pytest.raises(DataError, match=f"^data.jsonl:7: {reason}") as e:
         conversation_examples(line, "data.jsonl:7", tok, "kimi_k2")
     assert e.value.reason == reason
+
+
+def test_line_index_offsets_and_line_numbers(tmp_path, monkeypatch):
+    monkeypatch.setattr(LineIndex, "_CHUNK", 5)  # newlines straddle many chunk boundaries
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"a": 1}\n\n\n{"b": "\xc3\xa9"}\r\n\xff\xfe\n  \n{"c": 3}')
+    index = LineIndex.build(path)
+    assert index.line_numbers.tolist() == [1, 4, 5, 6, 7]  # "\n"-only lines are not indexed
+    assert [index.read(i) for i in (0, 1, 3, 4)] == [
+        '{"a": 1}\n',
+        '{"b": "é"}\r\n',
+        "  \n",
+        '{"c": 3}',
+    ]
+    with pytest.raises(DataError, match=r"x.jsonl:5: invalid UTF-8"):
+        index.read(2)
+    index.close()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -156,6 +156,43 @@ def test_dispatch(monkeypatch):
     assert rel_err(grouped_matmul.grouped_matmul(x, w, gs, lora=lo, impl="auto"), want) <= 1e-5
 
 
+# Kimi-K2 expert shapes: 384 experts, 32k routed rows, gate|up 7168 → 4096 with the fused rank-2·16
+# adapter, down 2048 → 7168.
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+@pytest.mark.parametrize(
+    "weights,K_,N_,lora,separate_lora_x,kernels",
+    [("int4", 7168, 4096, True, True, 7), ("bf16", 2048, 7168, True, False, 6)],
+)
+def test_lowers_to_triton_for_h100(weights, K_, N_, lora, separate_lora_x, kernels):
+    """Forward and backward lower to Triton IR (Pallas' own checks: power-of-two tensors, the
+    supported primitives) at full size; no GPU needed, the target is an abstract H100."""
+    E, M_, r = 384, 32768, 32
+    S = jax.ShapeDtypeStruct
+    x, dy, gs = S((M_, K_), jnp.bfloat16), S((M_, N_), jnp.bfloat16), S((E,), jnp.int32)
+    if weights == "int4":
+        w = Int4Weight(S((E, N_, K_), jnp.int4), S((E, N_, K_ // 32), jnp.bfloat16))
+    else:
+        w = S((E, N_, K_), jnp.bfloat16)
+    lo = GroupedLora(S((E, r, K_), jnp.float32), S((E, N_, r), jnp.float32), 2.0) if lora else None
+    lx = S((M_, K_), jnp.bfloat16) if separate_lora_x else None
+
+    def gpu_kernel(*args, **kw):
+        return grouped_matmul_pallas(*args, **kw, interpret=False)
+
+    h100 = jax.sharding.AbstractDevice(
+        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="cuda"
+    )
+    with jax.sharding.use_abstract_mesh(
+        jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)
+    ):
+        lowered = (
+            jax.jit(lambda *a: _value_and_grads(gpu_kernel, *a))
+            .trace(x, w, gs, lo, lx, dy)
+            .lower(lowering_platforms=("cuda",))
+        )
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == kernels
+
+
 # Together these reach every kernel variant: forward dense / INT4 with and without the fused
 # LoRA epilogue, the rank-r projections, dx with W transposed (dense / INT4, with and without the
 # epilogue), d lora_x, both tgmm reductions, and the no-LoRA backward.

@@ -127,7 +127,7 @@ def test_safetensors_reads_our_file(ref):
     assert set(as_read["tensors"]) == set(ref["ours"])
     for name, array in ref["ours"].items():
         got = as_read["tensors"][name]
-        st = sio._safetensors_dtype(name, array)
+        st = sio._entry_of(name, array).dtype
         assert got["dtype"] == TORCH_NAME[st], name
         assert_values(array, got, name)
 
@@ -173,7 +173,7 @@ def test_roundtrip_bit_exact_and_aligned(tmp_path):
         for name, array in tensors.items():
             got = f.read(name)
             assert got.shape == array.shape, name
-            assert got.dtype == sio.DTYPES[sio._safetensors_dtype(name, array)], name
+            assert got.dtype == sio.DTYPES[sio._entry_of(name, array).dtype], name
             assert got.tobytes() == np.ascontiguousarray(array, got.dtype).tobytes(), name
             begin = f._data_start + f.info(name).offsets[0]
             assert begin % got.dtype.itemsize == 0, f"{name} is not aligned in the file"
@@ -184,6 +184,17 @@ def test_roundtrip_bit_exact_and_aligned(tmp_path):
         with SafetensorsFile(path) as f:
             assert f._data_start % 8 == 0
             np.testing.assert_array_equal(f.read("n" * k), np.ones(2))
+
+
+def test_write_jax_arrays(tmp_path):
+    import jax.numpy as jnp
+
+    x = jnp.arange(12, dtype=jnp.bfloat16).reshape(3, 4)
+    path = write_safetensors(tmp_path / "j.safetensors", {"x": x, "y": jnp.zeros(2, jnp.int32)})
+    with SafetensorsFile(path) as f:
+        assert f.info("x")[:2] == ("BF16", (3, 4))
+        np.testing.assert_array_equal(f.read("x"), np.asarray(x))
+        assert f.read("y").dtype == np.int32
 
 
 def test_read_is_lazy_view_and_rows(tmp_path):
@@ -216,6 +227,15 @@ def test_read_is_lazy_view_and_rows(tmp_path):
     f.close()
     np.testing.assert_array_equal(full, w)  # arrays outlive close()
     with pytest.raises(ValueError, match="after close"):
+        f.read("w")
+
+
+def test_file_changed_after_open(tmp_path):
+    path = write_safetensors(tmp_path / "w.safetensors", {"w": np.zeros(64, np.float32)})
+    f = SafetensorsFile(path)
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size - 16)
+    with pytest.raises(SafetensorsError, match=r"w\.safetensors: the file changed size"):
         f.read("w")
 
 

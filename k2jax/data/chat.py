@@ -48,10 +48,13 @@ content string is encoded as plain text, so a user typing `<|im_end|>` cannot en
 between two structural tokens is encoded in one piece, which gives the same ids as tokenizing the
 whole rendered string with Moonshot's tokenizer (specials split the text there too).
 
-Rejected alternative: running the official Jinja templates (via jinja2). They are not shipped
-with our checkpoints' copies for all three models, they return one string (the loss mask would
-have to be recovered by re-tokenizing prefixes), and they tokenize user text with
-`allowed_special="all"`.
+K2.5's default system prompt: Tinker's K2.5 renderer inserts K2's, the K2.5 Jinja template does
+not (K2_FACTS §8.7); we follow the template.
+
+Rejected alternative: running the checkpoint's own `chat_template.jinja` with jinja2. It needs the
+file and a Jinja engine at training time, returns one string (the loss mask would have to be
+recovered by rendering and tokenizing every prefix), and its tokenizer turns special-token text in
+user content into special ids (`allowed_special="all"`).
 """
 
 from __future__ import annotations

@@ -49,12 +49,15 @@ and hangs a collective) and has the same `state()`. Rejected alternative: giving
 lines. It saves the (cheap) redundant tokenizing, but hosts then pack different numbers of rows
 and each needs its own resume state.
 
-**Resume.** `state()` is a small JSON-serialisable dict: where the currently open row began
-(epoch, line position in the epoch's order, example within that line) and the per-epoch counts.
-`PackedBatches(config, tokenizer, state=saved)` re-packs from that point; since a next-fit row
-always starts empty, the rebuilt rows and every later batch are identical to an uninterrupted run.
-The state carries a fingerprint of the files and of the settings that shape the example stream, so
-resuming on changed data fails loudly instead of silently reading different lines.
+**Resume.** `state()` is a small JSON-serialisable dict: the position of the next example
+(epoch, line position in the epoch's order, example within that line) and the current epoch's
+counts. A row is closed only when the next example has been *looked at* and does not fit, and
+looking does not consume it, so between batches no row is ever half-built: the next batch starts
+a fresh row at exactly that example. `PackedBatches(config, tokenizer, state=saved)` therefore
+continues with the same batches as an uninterrupted run. The state carries a fingerprint of the
+files and of the settings that shape the example stream (template, split, seed, shuffle), so
+resuming on changed data fails loudly instead of silently reading different lines; `batch_size`
+and the number of hosts may change across a resume.
 """
 
 from __future__ import annotations
@@ -144,6 +147,8 @@ class DataConfig:
             )
         if self.seq_len < 8:
             raise ConfigError(f"data.seq_len: must be >= 8, got {self.seq_len}")
+        if self.seed < 0:
+            raise ConfigError(f"data.seed: must be >= 0, got {self.seed}")
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size: must be >= 1, got {self.batch_size}")
         if self.num_epochs is not None and self.num_epochs < 1:
@@ -368,9 +373,6 @@ class _Cursor:
     examples: int = 0  # usable examples consumed in this epoch
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> count
 
-    def copy(self) -> _Cursor:
-        return dataclasses.replace(self, skipped=dict(self.skipped))
-
 
 class PackedBatches(Iterator[dict[str, np.ndarray]]):
     """Iterator of packed SFT batches for this host (see the module docstring).
@@ -411,11 +413,8 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
             raise DataError(config.path, "no data", "no non-empty lines")
         self._fingerprint = self._make_fingerprint()
         self._cursor = _Cursor()
-        self._row: list[EncodedChat] = []
-        self._row_len = 0
-        self._row_start = _Cursor()
         self._batches = 0
-        self._order: tuple[int, np.ndarray | None] | None = None
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation)
         self._line: tuple[tuple[int, int], list | DataError] | None = None
         self._logged_bad = 0
         self.last_epoch_summary: str | None = None  # summary() of the last finished epoch
@@ -432,8 +431,8 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
         )
 
     def state(self) -> dict[str, Any]:
-        """Where to resume: the start of the open row (or the next example if none is open)."""
-        c = self._row_start if self._row else self._cursor
+        """Where to resume: the next example to pack (no row is open between batches)."""
+        c = self._cursor
         return {
             "version": _STATE_VERSION,
             "fingerprint": self._fingerprint,
@@ -469,7 +468,6 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
         if not 0 <= cursor.position <= len(self._index):
             raise ValueError(f"data state position {cursor.position} is beyond the data")
         self._cursor, self._batches = cursor, batches
-        self._row, self._row_len = [], 0
 
     @property
     def batches_yielded(self) -> int:
@@ -551,7 +549,7 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
 
     def _end_epoch(self) -> None:
         c = self._cursor
-        if False:
+        if c.examples == 0:
             raise DataError(
                 self.config.path, "no usable examples", f"epoch {c.epoch}: {self.summary()}"
             )
@@ -569,18 +567,22 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
         return text
 
     def _next_row(self) -> list[EncodedChat] | None:
-        """The next full row of examples (next-fit), or None when the data is exhausted."""
-        while True:
-            item = self._peek()
-            if item is None or (self._row and self._row_len + len(item[0]) > self.config.seq_len):
-                row, self._row, self._row_len = self._row, [], 0
-                return row or None
-            if not self._row:
-                self._row_start = self._cursor.copy()
-            self._row.append(item[0])
-            self._row_len += len(item[0])
+        """The next row of examples (next-fit), or None when the data is exhausted.
+
+        The example that does not fit stays at the cursor (peeked, not consumed) and opens the
+        next row; every example fits an empty row (longer ones are skipped as bad).
+        """
+        row: list[EncodedChat] = []
+        used = 0
+        while (item := self._peek()) is not None:
+            example = item[0]
+            if used + len(example) > self.config.seq_len:
+                break
+            row.append(example)
+            used += len(example)
             self._cursor.sub += 1
             self._cursor.examples += 1
+        return row or None
 
     # Batches -----------------------------------------------------------------------------------
     def __iter__(self) -> PackedBatches:

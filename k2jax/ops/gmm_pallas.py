@@ -29,10 +29,11 @@ of `group_m` work items per column sweep (Triton's "grouped ordering"), so the w
 expert and the row tile of one work item are re-read from L2 rather than HBM.
 
 Waste: a group of s rows costs ceil(s/bm)·bm rows of MMA work, i.e. on average bm/2 padding rows
-per non-empty group; nothing is copied. At E=384 and 32k routed rows (≈85 rows per expert) and
-bm=128 that is ≈384 tiles for 256 tiles of real rows (1.5x the FLOPs; bm=64 gives ≈1.3x). The
-kernel is weight-bandwidth-bound there anyway (a bf16 gate|up stack is 22.5 GB per layer, INT4 a
-quarter of it plus scales). At E=48 with 5.5k rows per expert the waste is ~1%.
+per non-empty group; nothing is copied, no memory is spent beyond the O(M/bm + G) schedule. At
+E=384 and 32k routed rows (≈85 ± 9 rows per expert) and bm=128 that is ≈384 tiles for 256 tiles
+of real rows: 1.5x the FLOPs (bm=64 too, since 85 rows take two 64-row tiles; bm=32 ≈1.17x, at a
+smaller MMA). That regime is weight-bandwidth-bound anyway (a bf16 gate|up stack is 22.5 GB per
+layer, INT4 a quarter of it plus scales). At E=48 with ≈5.5k rows per expert the waste is ~1%.
 
 Alternatives rejected:
   * megablocks/MaxText "group metadata" over *globally* aligned tiles (row tile t covers rows
@@ -52,7 +53,9 @@ An `Int4Weight` is passed as its two arrays, `jnp.int4` values [G, N, K] and bf1
 [G, N, K/32]. Per contraction step the kernel loads a [bn, bk] int4 tile and the matching scales
 (gathered with column index k // 32, so bk need not equal the quantisation group), forms
 q·scale in fp32 and rounds once to the compute dtype, exactly like `k2jax.quant.dequantize`. No
-bf16 copy of the stack is ever written.
+bf16 copy of the stack is ever written. The values are viewed as [G, N, K/bk, bk] (a bitcast) so
+the K tile is a static slice: only then does the Triton lowering load the int4 tile as packed
+bytes and unpack it with a shift and a join, instead of one byte load per nibble.
 
 LoRA
 ----
@@ -76,8 +79,14 @@ The base weight W is frozen: its cotangent is a symbolic zero (None), as is grou
 that differentiates W through this path silently gets zeros; use impl="xla" for that.
 `dy` is cast to x's dtype before the MMAs (a no-op unless `preferred_element_type` differs).
 
-Compiler parameters: `jax.experimental.pallas.triton.CompilerParams` (num_warps, num_stages); on
-CPU the kernels run in Pallas interpret mode, which is how the tests check them.
+Backend and checks
+------------------
+Launch parameters go through `jax.experimental.pallas.triton.CompilerParams` (num_warps,
+num_stages; `Tiles`). Default tiles 128×128×64 with 8 warps: an offline Triton compile of these
+kernels for sm_90a used wgmma, ~170–190 registers per thread and no spills, while 4 warps spilled.
+On CPU the kernels run in Pallas interpret mode, which is how tests/test_gmm_pallas.py checks
+their numerics; it also lowers them to Triton IR for an abstract H100. Note that jax 0.12 warns
+that the Pallas Triton backend is deprecated in favour of Mosaic GPU.
 """
 
 from __future__ import annotations
@@ -99,7 +108,8 @@ _MIN_BLOCK = 16
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-    """Tile sizes and Triton launch parameters; powers of two. Defaults suit Hopper (H100/H200).
+    """Tile sizes and Triton launch parameters; powers of two. The defaults are Hopper starting
+    points, to be tuned with benchmarks/bench_gmm.py.
 
     bm: rows per work item; bn: output columns per program; bk: contraction step (rows per step
     in the tgmm kernel); group_m: work items per L2 band of the program order.
@@ -109,7 +119,7 @@ class Tiles:
     bn: int = 128
     bk: int = 64
     group_m: int = 8
-    num_warps: int = 8
+    num_warps: int = 8  # 4 spills the 128×128 fp32 accumulator (module docstring)
     num_stages: int = 3
 
     def __post_init__(self):
@@ -214,6 +224,13 @@ def _load(ref_view, mask):
     return plgpu.load(ref_view, mask=mask, other=0)
 
 
+def _store(ref_view, value, mask):
+    if mask is None:
+        plgpu.store(ref_view, value)
+    else:
+        plgpu.store(ref_view, value, mask=mask)
+
+
 def _load_weight_tile(w_refs, g, r0, nr, c0, nc, dims, mask_rows, mask_cols, quant_group, cdt):
     """Tile [nr, nc] at (r0, c0) of stack g of a stored [G, D1, D2] weight, in dtype `cdt`.
 
@@ -263,7 +280,6 @@ def _dot(a, b, contract_a: int, contract_b: int, precision):
 class _GmmSpec:
     """Static description of one row-tiled kernel call (hashable: it parameterises the kernel)."""
 
-    rows: int  # M
     contract: int  # C: the contracted dimension
     out_cols: int  # N: output columns
     groups: int  # G
@@ -283,11 +299,12 @@ class _GmmSpec:
 
 def _program_to_item(pid, items: int, col_tiles: int, group_m: int):
     """Grouped program order: bands of group_m work items sweep all column tiles together."""
+    # All operands are non-negative: lax.div/rem (truncating) avoid jnp's floor-division fix-ups.
     band_size = group_m * col_tiles
-    first = (pid // band_size) * group_m
+    first = lax.div(pid, band_size) * group_m
     in_band = jnp.minimum(items - first, group_m)
-    local = pid % band_size
-    return first + local % in_band, local // in_band
+    local = lax.rem(pid, band_size)
+    return first + lax.rem(local, in_band), lax.div(local, in_band)
 
 
 def _gmm_kernel(*refs, spec: _GmmSpec):
@@ -355,13 +372,6 @@ def _gmm_kernel(*refs, spec: _GmmSpec):
         _store(out_view, jnp.zeros((bm, bn), out_ref.dtype), store_mask)
 
 
-def _store(ref_view, value, mask):
-    if mask is None:
-        plgpu.store(ref_view, value)
-    else:
-        plgpu.store(ref_view, value, mask=mask)
-
-
 def _weight_arrays(w, k_tile: int) -> tuple[tuple[jax.Array, ...], int]:
     """The kernel operands of a weight, and its quantisation group (1 when dense).
 
@@ -422,7 +432,6 @@ def _gmm(
     if epi_rank and (epi_rank < _MIN_BLOCK or epi_rank & (epi_rank - 1)):
         raise ValueError(f"LoRA epilogue rank {epi_rank} must be a power of two ≥ {_MIN_BLOCK}")
     spec = _GmmSpec(
-        rows=M,
         contract=C,
         out_cols=N,
         groups=G,
@@ -472,9 +481,9 @@ def _tgmm_kernel(group_start_ref, group_size_ref, a_ref, b_ref, out_ref, *, spec
     tiles = pl.cdiv(spec.p, bp) * q_tiles
     # Programs of one group are adjacent, so they share its rows of a and b in L2.
     pid = pl.program_id(0)
-    g = pid // tiles
-    p0 = (pid % tiles) // q_tiles * bp
-    q0 = (pid % tiles) % q_tiles * bq
+    g = lax.div(pid, tiles)
+    p0 = lax.div(lax.rem(pid, tiles), q_tiles) * bp
+    q0 = lax.rem(lax.rem(pid, tiles), q_tiles) * bq
     start = group_start_ref[g]
     end = start + group_size_ref[g]
     p_ok = p0 + jnp.arange(bp, dtype=jnp.int32) < spec.p if spec.p % bp else None
@@ -488,7 +497,8 @@ def _tgmm_kernel(group_start_ref, group_size_ref, a_ref, b_ref, out_ref, *, spec
         return acc + _dot(a.astype(spec.cdt), b.astype(spec.cdt), 0, 0, spec.precision)
 
     # An empty group runs no step and stores zeros: every element of the output is written.
-    acc = lax.fori_loop(0, (end - start + bm - 1) // bm, step, jnp.zeros((bp, bq), jnp.float32))
+    steps = lax.div(end - start + bm - 1, bm)
+    acc = lax.fori_loop(0, steps, step, jnp.zeros((bp, bq), jnp.float32))
     _store(
         out_ref.at[g, pl.ds(p0, bp), pl.ds(q0, bq)],
         acc.astype(out_ref.dtype),
@@ -587,13 +597,13 @@ def _gmm_fwd(cfg: _Config, x, w, sched, a, b, lora_x):
     epilogue = None
     if a is not None:
         lx = x if lora_x is None else lora_x
-        # t = s · x'·Aᵀ, rounded to x's dtype like the reference (and the rank-r MMA operand).
+        # t = s · x'·Aᵀ, rounded to x′'s dtype like the reference (it is an MMA operand next).
         t = _gmm(
             lx,
             a,
             sched,
             transpose_w=False,
-            out_dtype=x.dtype,
+            out_dtype=lx.dtype,
             alpha=cfg.lora_scale,
             name="gmm_lora_a",
             **kw,
