@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from k2jax.lora import LoraConfig
-from k2jax.model.options import ComputeConfig
+from k2jax.model.options import ComputeConfig, accum_dtype
 
 BASE_INIT = nn.initializers.normal(0.02)
 
@@ -22,7 +22,7 @@ BASE_INIT = nn.initializers.normal(0.02)
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """y = w ⊙ cast(x32 · rsqrt(mean(x32²) + eps)) — the weight multiplies after the cast back
     to x's dtype, exactly as the reference (K2_FACTS §3.1)."""
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(accum_dtype(x.dtype))
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight.astype(x.dtype) * normed.astype(x.dtype)
 

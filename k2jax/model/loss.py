@@ -39,21 +39,25 @@ def chunked_cross_entropy(
     n_chunks = (n + pad) // chunk
     h = hidden_ND.reshape(n_chunks, chunk, d)
     t = targets_N.reshape(n_chunks, chunk)
-    m = mask_N.reshape(n_chunks, chunk).astype(jnp.float32)
+    f32 = jnp.promote_types(hidden_ND.dtype, jnp.float32)
+    m = mask_N.reshape(n_chunks, chunk).astype(f32)
 
     @jax.checkpoint
     def one_chunk(h_CD, t_C, m_C):
         logits = jnp.einsum(
-            "cd,vd->cv", h_CD, head_VD.astype(h_CD.dtype), preferred_element_type=jnp.float32
+            "cd,vd->cv", h_CD, head_VD.astype(h_CD.dtype), preferred_element_type=f32
         )
         lse = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, t_C[:, None], axis=-1)[:, 0]
+        # The target's logit as h·W[target]: a row gather, which stays cheap when the vocabulary
+        # is sharded over `tensor` (indexing the sharded logits would gather them).
+        w_t = jnp.take(head_VD, t_C, axis=0).astype(h_CD.dtype)
+        target_logit = jnp.einsum("cd,cd->c", h_CD, w_t, preferred_element_type=f32)
         return (lse - target_logit) * m_C, z_weight * lse * lse * m_C
 
     def body(carry, xs):
         loss, z = one_chunk(*xs)
         return (carry[0] + loss.sum(), carry[1] + z.sum()), None
 
-    zero = jnp.zeros((), jnp.float32)
+    zero = jnp.zeros((), f32)
     (loss_sum, z_sum), _ = jax.lax.scan(body, (zero, zero), (h, t, m))
     return {"loss_sum": loss_sum, "z_loss_sum": z_sum, "count": m.sum()}

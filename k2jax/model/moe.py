@@ -25,9 +25,10 @@ from jax.ad_checkpoint import checkpoint_name
 from k2jax.config import ModelConfig
 from k2jax.lora import LoraConfig
 from k2jax.model.layers import BASE_INIT, MLP, lora_a_init, lora_variable, module_path
-from k2jax.model.options import ComputeConfig
+from k2jax.model.options import ComputeConfig, accum_dtype
 from k2jax.ops.grouped_matmul import GroupedLora, grouped_matmul
 from k2jax.quant import Int4Weight, random_int4
+from k2jax.sharding.expert_parallel import mesh_is_parallel, moe_expert_parallel
 
 
 def route(
@@ -35,11 +36,10 @@ def route(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns (expert ids [N, K] int32, weights [N, K] float32, router logits [N, E] float32)."""
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
-    logits = jnp.einsum(
-        "nd,ed->ne", x_ND.astype(jnp.float32), gate_ED.astype(jnp.float32), precision="highest"
-    )
+    f32 = accum_dtype(x_ND.dtype)
+    logits = jnp.einsum("nd,ed->ne", x_ND.astype(f32), gate_ED.astype(f32), precision="highest")
     scores = jax.nn.sigmoid(logits)
-    choice = scores + bias_E.astype(jnp.float32)
+    choice = scores + bias_E.astype(f32)
     if cfg.n_group > 1:
         per_group = E // cfg.n_group
         grouped = choice.reshape(-1, cfg.n_group, per_group)
@@ -130,7 +130,7 @@ def routed_experts(x_ND, idx_NK, weights_NK, w: ExpertWeights, *, impl: str, lor
     lx = None if lora_x_ND is None else lora_x_ND[token]
     y_sorted = expert_ffn(x_ND[token], group_sizes, w, impl=impl, lora_x_MD=lx)
     y_NKD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(N, K, -1)
-    out = jnp.einsum("nkd,nk->nd", y_NKD.astype(jnp.float32), weights_NK)
+    out = jnp.einsum("nkd,nk->nd", y_NKD.astype(weights_NK.dtype), weights_NK)
     return out.astype(x_ND.dtype)
 
 
@@ -255,18 +255,22 @@ class MoE(nn.Module):
         E = c.n_routed_experts
         gate, bias = Router(c, self.compute, name="gate")()
         x_ND = x_BTD.reshape(B * T, D).astype(self.compute.jnp_dtype)
-        idx, weights, _ = route(x_ND, gate, bias, c)
         experts = Experts(c, self.compute, self.lora, name="experts")()
         lora_x = None
         if self.lora is not None and self.lora.dropout > 0 and self.has_rng("dropout"):
             lora_x = nn.Dropout(self.lora.dropout, deterministic=False)(x_ND)
-        y = routed_experts(
-            x_ND, idx, weights, experts, impl=self.compute.gmm_impl, lora_x_ND=lora_x
-        )
+        impl = self.compute.gmm_impl
+        if mesh_is_parallel():
+            y, load_E = moe_expert_parallel(
+                x_ND, gate, bias, experts, c, impl=impl, lora_x_ND=lora_x
+            )
+        else:
+            idx, weights, _ = route(x_ND, gate, bias, c)
+            y = routed_experts(x_ND, idx, weights, experts, impl=impl, lora_x_ND=lora_x)
+            load_E = jnp.zeros((E,), jnp.float32).at[idx.reshape(-1)].add(1.0)
         y = y.reshape(B, T, D)
         if c.n_shared_experts:
             y = y + MLP(c.shared_intermediate_size, self.compute, self.lora, name="shared_experts")(
                 x_BTD
             )
-        load_E = jnp.zeros((E,), jnp.float32).at[idx.reshape(-1)].add(1.0)
         return checkpoint_name(y, "mlp_out"), load_E

@@ -9,7 +9,14 @@ import jax.numpy as jnp
 
 from k2jax.config import ConfigError, check_field_types
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# float64 is for numerics checks only (needs jax_enable_x64); training uses bfloat16 or float32.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+
+
+def accum_dtype(dtype):
+    """The dtype of reductions, softmax and routing: float32, or wider if the inputs are."""
+    return jnp.promote_types(dtype, jnp.float32)
+
 
 # Rematerialisation policies for the scanned decoder layers.
 #   none   keep every activation (fastest, most memory)

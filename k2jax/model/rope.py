@@ -65,7 +65,8 @@ def rope_parameters(cfg: ModelConfig) -> tuple[np.ndarray, float]:
 
 def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, attention_factor: float, dtype):
     """cos, sin [B, T, Dr/2] for integer positions [B, T], cast to the activation dtype."""
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    f32 = jnp.promote_types(dtype, jnp.float32)
+    freqs = positions.astype(f32)[..., None] * jnp.asarray(inv_freq, f32)
     cos = jnp.cos(freqs) * attention_factor
     sin = jnp.sin(freqs) * attention_factor
     return cos.astype(dtype), sin.astype(dtype)

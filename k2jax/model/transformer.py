@@ -138,7 +138,8 @@ class Transformer(nn.Module):
     def logits(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
         h, _ = self(tokens_BT, positions_BT, segment_ids_BT)
         w = self.head_weight()
-        return jnp.einsum("btd,vd->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+        f32 = jnp.promote_types(h.dtype, jnp.float32)
+        return jnp.einsum("btd,vd->btv", h, w.astype(h.dtype), preferred_element_type=f32)
 
     def loss(
         self,

@@ -67,7 +67,7 @@ def attention_mask(q_segment_ids, kv_segment_ids, q_index=None) -> jax.Array:
 def attention_reference(
     q_nope, q_rope, k_nope, k_rope, v, *, scale, q_segment_ids, kv_segment_ids, q_index=None
 ):
-    f32 = jnp.float32
+    f32 = jnp.promote_types(q_nope.dtype, jnp.float32)
     logits = jnp.einsum("bthd,bshd->bhts", q_nope, k_nope, preferred_element_type=f32)
     logits += jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=f32)
     logits = logits * scale

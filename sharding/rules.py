@@ -1,0 +1,110 @@
+"""The one table that maps logical axis names to mesh axes.
+
+Model code names the axes of every weight and of the activations at layer boundaries
+(`nn.with_logical_partitioning` / `nn.with_logical_constraint`); this table alone decides where
+they live on the (data, expert, tensor) mesh. Changing a parallelism strategy touches only RULES.
+
+    logical axis       mesh axes            used by
+    batch              (data, expert)       tokens outside the MoE: data-parallel over both
+    seq, act_embed     —                    layer-boundary activations [batch, seq, act_embed]
+    vocab              tensor               embedding and LM head (vocab-parallel head and loss)
+    heads              tensor               q_b_proj / kv_b_proj rows, o_proj columns (MLA heads)
+    mlp                tensor               dense and shared-expert SwiGLU width
+    experts            (expert, tensor)     the stacked routed experts, their scales and LoRA
+    embed, q_lora, kv_lora, kv_a, expert_mlp, *_groups, router_experts, lora_rank, layers   —
+
+Inside the MoE the tokens are split over all three axes and exchanged over (expert, tensor); see
+expert_parallel.py. Optimizer state follows the parameter it belongs to.
+
+`spec_for(names)` fails when a name has no rule or when a spec would use one mesh axis twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "expert")),
+    ("seq", None),
+    ("act_embed", None),
+    ("vocab", "tensor"),
+    ("embed", None),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("q_lora", None),
+    ("kv_lora", None),
+    ("kv_a", None),
+    ("experts", ("expert", "tensor")),
+    ("expert_mlp", None),
+    ("embed_groups", None),
+    ("expert_mlp_groups", None),
+    ("router_experts", None),
+    ("lora_rank", None),
+    ("layers", None),
+)
+
+_RULE_MAP = dict(RULES)
+
+
+class ShardingRuleError(ValueError):
+    pass
+
+
+def spec_for(names: Sequence[str | None]) -> PartitionSpec:
+    """The PartitionSpec of an array whose dims have these logical names."""
+    out, used = [], []
+    for name in names:
+        if name is None:
+            out.append(None)
+            continue
+        if name not in _RULE_MAP:
+            raise ShardingRuleError(
+                f"logical axis {name!r} has no rule in k2jax.sharding.rules.RULES (names: {names})"
+            )
+        axes = _RULE_MAP[name]
+        flat = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        for a in flat:
+            if a in used:
+                raise ShardingRuleError(f"logical axes {names} use mesh axis {a!r} twice")
+            used.append(a)
+        out.append(axes)
+    return PartitionSpec(*out)
+
+
+def logical_specs(boxed_tree):
+    """PartitionSpecs for a tree of boxed values (nn.LogicallyPartitioned); unboxed leaves
+    (no names) are replicated."""
+
+    def one(x):
+        if isinstance(x, nn.LogicallyPartitioned):
+            return spec_for(x.names)
+        return PartitionSpec()
+
+    return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def param_shardings(boxed_tree, mesh: Mesh):
+    """NamedShardings for a boxed (abstract) variable tree on `mesh`, same structure unboxed."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), logical_specs(boxed_tree))
+
+
+def activation_spec(*names: str) -> PartitionSpec:
+    return spec_for(names)
+
+
+def flax_rules():
+    """RULES in the form flax's `nn.logical_axis_rules` context manager takes."""
+    return tuple((name, axes) for name, axes in RULES)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh):
+    """The context model code runs in on a mesh: jax's context mesh (shard_map and sharding
+    constraints use it) and flax's logical-axis rules (for nn.with_logical_constraint)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(flax_rules()):
+        yield mesh
