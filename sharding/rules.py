@@ -11,7 +11,8 @@ they live on the (data, expert, tensor) mesh. Changing a parallelism strategy to
     heads              tensor               q_b_proj / kv_b_proj rows, o_proj columns (MLA heads)
     mlp                tensor               dense and shared-expert SwiGLU width
     experts            (expert, tensor)     the stacked routed experts, their scales and LoRA
-    embed, q_lora, kv_lora, kv_a, expert_mlp, *_groups, router_experts, lora_rank, layers   —
+    embed, q_lora, kv_lora, kv_a, expert_mlp, *_groups, router_experts, lora_rank, layers,
+    qk_clip_part, qk_clip_heads (MuonClip's per-head factors, tiny)                           —
 
 Inside the MoE the tokens are split over all three axes and exchanged over (expert, tensor); see
 expert_parallel.py. Optimizer state follows the parameter it belongs to.
@@ -46,6 +47,8 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("router_experts", None),
     ("lora_rank", None),
     ("layers", None),
+    ("qk_clip_part", None),
+    ("qk_clip_heads", None),
 )
 
 _RULE_MAP = dict(RULES)

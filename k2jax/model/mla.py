@@ -10,12 +10,22 @@
 The rotary key is kept as one [B, S, Dr] vector and never broadcast to H heads (see
 k2jax/ops/attention.py). The layer also returns the per-head maximum pre-softmax logit, the
 quantity MuonClip's QK-clip acts on.
+
+QK-clip under LoRA. MuonClip rescales, per head h whose max logit exceeds τ, the rows of the query
+and key projections: q_nope and k_nope by √γ_h, q_rope by γ_h (the shared rotary key is left
+alone), so that head's logits shrink by exactly γ_h (K2_FACTS §5.2). With a frozen base we cannot
+rescale W, and rescaling only the LoRA factors would not bound the logits when the base dominates.
+So the rescaling is kept as three per-head factors in a separate "qk_clip" collection
+([3, H]: q_nope, q_rope, k_nope; all ones at the start), applied to the effective (base + LoRA)
+projections here. This is exactly MuonClip's rescaling of the merged weights; it is not trained, and
+`k2jax merge` folds it into q_b_proj / kv_b_proj rows.
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from k2jax.config import ModelConfig
@@ -49,6 +59,20 @@ class MLA(nn.Module):
         kv = Linear(H * (Dn + Dv), ("heads", "kv_lora"), name="kv_b_proj", **kw)(c_kv)
         kv = kv.reshape(B, T, H, Dn + Dv)
         k_nope, v = kv[..., :Dn], kv[..., Dn:]
+
+        # Created with the LoRA variables at init; absent (= all ones) when not passed to apply.
+        if (self.lora is not None and self.is_initializing()) or self.has_variable(
+            "qk_clip", "scales"
+        ):
+            scales = self.variable(
+                "qk_clip",
+                "scales",
+                nn.with_logical_partitioning(
+                    lambda: jnp.ones((3, H), jnp.float32), ("qk_clip_part", "qk_clip_heads")
+                ),
+            )
+            s_qn, s_qr, s_kn = (s[:, None].astype(q.dtype) for s in scales.value)
+            q_nope, q_rope, k_nope = q_nope * s_qn, q_rope * s_qr, k_nope * s_kn
 
         inv_freq, attention_factor = rope_parameters(c)
         cos, sin = rope_cos_sin(positions_BT, inv_freq, attention_factor, q_rope.dtype)
