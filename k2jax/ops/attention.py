@@ -12,8 +12,18 @@ sequences; segment 0 is padding and only sees padding, so no row is empty). Soft
 Besides the output it returns the largest pre-softmax logit of each head over all visible pairs
 (float32 [H]): MuonClip's QK-clip needs exactly this number (K2_FACTS §5.2).
 
-Implementations: "xla" (the reference, materialises [B, H, T, S] logits; the oracle for tests) and,
-on GPU, a flash kernel (a later issue) chosen by `impl="auto"`.
+Implementations:
+  "xla"    the reference: materialises [B, H, T, S] logits; the oracle for tests.
+  "cudnn"  cuDNN flash attention through `jax.nn.dot_product_attention` (GPU). cuDNN wants one head
+           dim for q, k and v, so the shared rotary key is broadcast to every head and v is
+           zero-padded from Dv to Dn + Dr (the padded output columns are exactly zero and are
+           cropped). Packed rows pass their segment mask (cuDNN turns it into a bias); the causal
+           part uses cuDNN's causal mode. The flash kernel does not expose logits, so the per-head
+           max logit is computed by a separate blocked pass over query chunks (no gradient, no
+           [T, S] buffer larger than one chunk), only when asked for (`with_max_logit`).
+  "auto"   "cudnn" on GPU, else "xla".
+The "cudnn" wrapper is tested on CPU through the same code with jax's XLA backend of
+`dot_product_attention` (`impl="dpa_xla"`), so only the cuDNN kernel itself is GPU-only.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "xla")
+IMPLS = ("auto", "xla", "cudnn", "dpa_xla")
 
 
 def attention(
@@ -36,10 +46,40 @@ def attention(
     kv_segment_ids: jax.Array,  # [B, S] int
     q_index: jax.Array | None = None,  # [B, T] position of each query among the keys
     impl: str = "auto",
+    with_max_logit: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
-    """Returns (out [B, T, H, Dv] in v's dtype, max_logit [H] float32)."""
+    """Returns (out [B, T, H, Dv] in v's dtype, max_logit [H] float32).
+
+    With `with_max_logit=False` the second output is −inf for every head (fast paths skip the
+    extra pass).
+    """
     if impl not in IMPLS:
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    if impl in ("cudnn", "dpa_xla"):
+        out = attention_dpa(
+            q_nope,
+            q_rope,
+            k_nope,
+            k_rope,
+            v,
+            scale=scale,
+            q_segment_ids=q_segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            q_index=q_index,
+            implementation="cudnn" if impl == "cudnn" else "xla",
+        )
+        H = q_nope.shape[2]
+        if with_max_logit:
+            max_logit = jax.lax.stop_gradient(
+                max_logit_blocked(
+                    q_nope, q_rope, k_nope, k_rope, scale, q_segment_ids, kv_segment_ids, q_index
+                )
+            )
+        else:
+            max_logit = jnp.full((H,), -jnp.inf, jnp.promote_types(q_nope.dtype, jnp.float32))
+        return out, max_logit
     return attention_reference(
         q_nope,
         q_rope,
@@ -78,3 +118,76 @@ def attention_reference(
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhts,bshd->bthd", probs, v, preferred_element_type=f32)
     return out.astype(v.dtype), max_logit
+
+
+def attention_dpa(
+    q_nope,
+    q_rope,
+    k_nope,
+    k_rope,
+    v,
+    *,
+    scale,
+    q_segment_ids,
+    kv_segment_ids,
+    q_index,
+    implementation,
+):
+    """`jax.nn.dot_product_attention` on the concatenated MLA heads (see the module docstring)."""
+    B, S, H, _ = k_nope.shape
+    Dv = v.shape[-1]
+    q = jnp.concatenate([q_nope, q_rope], axis=-1)
+    k = jnp.concatenate(
+        [k_nope, jnp.broadcast_to(k_rope[:, :, None], (B, S, H, k_rope.shape[-1]))], -1
+    )
+    d = q.shape[-1]
+    if Dv > d:
+        raise ValueError(f"v head dim {Dv} exceeds the q/k head dim {d}")
+    v_pad = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, d - Dv)))
+    if q_index is None and q.shape[1] == S:
+        # training: causality by cuDNN's causal mode, packing by the segment mask
+        mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
+        out = jax.nn.dot_product_attention(
+            q, k, v_pad, mask=mask, scale=scale, is_causal=True, implementation=implementation
+        )
+    else:
+        mask = attention_mask(q_segment_ids, kv_segment_ids, q_index)
+        out = jax.nn.dot_product_attention(
+            q, k, v_pad, mask=mask, scale=scale, implementation=implementation
+        )
+    return out[..., :Dv]
+
+
+def max_logit_blocked(
+    q_nope, q_rope, k_nope, k_rope, scale, q_segment_ids, kv_segment_ids, q_index=None, block=512
+):
+    """Per-head max of the visible pre-softmax logits, computed over query blocks of `block` rows
+    (peak extra memory B·H·block·S instead of B·H·T·S)."""
+    B, T = q_nope.shape[:2]
+    f32 = jnp.promote_types(q_nope.dtype, jnp.float32)
+    if q_index is None:
+        q_index = jnp.broadcast_to(jnp.arange(T), (B, T))
+    block = min(block, T)
+    pad = (-T) % block
+    if pad:  # padded queries get segment −1, which matches no key
+        pad_t = ((0, 0), (0, pad))
+        q_nope = jnp.pad(q_nope, (*pad_t, (0, 0), (0, 0)))
+        q_rope = jnp.pad(q_rope, (*pad_t, (0, 0), (0, 0)))
+        q_segment_ids = jnp.pad(q_segment_ids, pad_t, constant_values=-1)
+        q_index = jnp.pad(q_index, pad_t)
+    n = (T + pad) // block
+
+    def one(args):
+        qn, qr, seg, idx = args
+        logits = jnp.einsum("bthd,bshd->bhts", qn, k_nope, preferred_element_type=f32)
+        logits += jnp.einsum("bthr,bsr->bhts", qr, k_rope, preferred_element_type=f32)
+        visible = attention_mask(seg, kv_segment_ids, idx)
+        return jnp.max(jnp.where(visible, logits * scale, -jnp.inf), axis=(0, 2, 3))
+
+    def split(x):
+        return jnp.moveaxis(x.reshape(B, n, block, *x.shape[2:]), 1, 0)
+
+    per_block = jax.lax.map(
+        one, (split(q_nope), split(q_rope), split(q_segment_ids), split(q_index))
+    )
+    return jnp.max(per_block, axis=0)
