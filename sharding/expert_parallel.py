@@ -18,10 +18,14 @@ load statistics. Gradients flow through the all_to_alls (they transpose to each 
 Dropless buffer sizing (the cost, stated): a device may route all of its A pairs to one peer, so a
 padded all_to_all needs A rows per peer: send and receive buffers of P·A·D elements each, P times
 the routed activations. That is what this module implements — it runs everywhere, including the
-CPU tests (`ragged_all_to_all` does not run on CPU) — and its traffic is P× the useful bytes,
-which is fine for tests and small EP groups. On GPU the same dispatch with
-`jax.lax.ragged_all_to_all` sends only the used rows (receive buffers stay worst-case sized); that
-path needs a GPU to test and is part of the GPU fast-path issue.
+CPU tests (`ragged_all_to_all` does not run on CPU) — and its traffic is P× the useful bytes.
+For full Kimi-K2 on 8 devices with one 4096-token row each (A = 32k pairs) one such buffer is
+3.8 GB in bf16, and the forward and backward passes hold about ten of them (~38 GB, measured with
+`k2jax plan`). `ComputeConfig.moe_chunk_tokens` bounds this: the tokens are dispatched in chunks
+(a `lax.scan` with a rematerialised body), so the buffers scale with the chunk — at the price of
+re-reading the local expert weights once per chunk. On GPU, `jax.lax.ragged_all_to_all` sends
+only the used rows (receive buffers stay worst-case sized); that path needs a GPU to test and is
+part of the GPU fast-path issue.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ def _expert_specs(weights):
 
 
 def moe_expert_parallel(
-    x_ND, gate_ED, bias_E, experts, cfg: ModelConfig, *, impl: str, lora_x_ND=None
+    x_ND, gate_ED, bias_E, experts, cfg: ModelConfig, *, impl: str, lora_x_ND=None, chunk_tokens=0
 ):
     """Routed-expert output [N, D] and expert load [E] for tokens x [N, D] on the context mesh."""
     from k2jax.model.moe import expert_ffn, route
@@ -68,10 +72,34 @@ def moe_expert_parallel(
 
     def local(x, gate, bias, w, lx):
         n = x.shape[0]
+        c = chunk_tokens if 0 < chunk_tokens < n else n
+        if n % c:
+            raise ValueError(
+                f"compute.moe_chunk_tokens={chunk_tokens} must divide the {n} tokens each device "
+                "routes (batch·seq / devices)"
+            )
+        if c == n:
+            out, load = dispatch_and_combine(x, gate, bias, w, lx)
+        else:
+            # Bounded memory: the padded buffers scale with the chunk, not with n. Each chunk
+            # re-reads the local expert weights, so fewer, larger chunks are faster.
+            def body(load, xs):
+                out, load_c = jax.checkpoint(dispatch_and_combine)(xs[0], gate, bias, w, xs[1])
+                return load + load_c, out
+
+            lx_chunks = lx.reshape(n // c, c, D) if has_lora_x else jnp.zeros((n // c,), x.dtype)
+            load, out = jax.lax.scan(
+                body, jnp.zeros((E,), jnp.float32), (x.reshape(n // c, c, D), lx_chunks)
+            )
+            out = out.reshape(n, D)
+        return out, jax.lax.psum(load, TOKEN_AXES)
+
+    def dispatch_and_combine(x, gate, bias, w, lx):
+        n = x.shape[0]
         A = n * K
         idx, wts, _ = route(x, gate, bias, cfg)
         flat = idx.reshape(-1)
-        load = jax.lax.psum(jnp.zeros((E,), jnp.float32).at[flat].add(1.0), TOKEN_AXES)
+        load = jnp.zeros((E,), jnp.float32).at[flat].add(1.0)
 
         # 2. sort pairs by expert (peer-major), place them into the per-peer send blocks
         order = jnp.argsort(flat, stable=True)
@@ -113,6 +141,10 @@ def moe_expert_parallel(
         local,
         in_specs=(tokens, P(), P(), _expert_specs(experts), tokens if has_lora_x else P()),
         out_specs=(tokens, P()),
+        # Pallas kernels inside shard_map would need per-output "varying axes" annotations whose
+        # API differs between jax 0.11 and 0.12; without the check, cotangents of replicated
+        # inputs (router weights) are still psum-reduced by shard_map's transpose (tested).
+        check_vma=False,
     )
     lx = lora_x_ND if has_lora_x else jnp.zeros((), x_ND.dtype)
     return fn(x_ND, gate_ED, bias_E, experts, lx)

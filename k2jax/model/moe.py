@@ -262,7 +262,14 @@ class MoE(nn.Module):
         impl = self.compute.gmm_impl
         if mesh_is_parallel():
             y, load_E = moe_expert_parallel(
-                x_ND, gate, bias, experts, c, impl=impl, lora_x_ND=lora_x
+                x_ND,
+                gate,
+                bias,
+                experts,
+                c,
+                impl=impl,
+                lora_x_ND=lora_x,
+                chunk_tokens=self.compute.moe_chunk_tokens,
             )
         else:
             idx, weights, _ = route(x_ND, gate, bias, c)

@@ -36,6 +36,9 @@ class ComputeConfig:
     attention_impl: str = "auto"
     gmm_impl: str = "auto"
     loss_chunk_tokens: int = 2048  # tokens per chunk of the LM head + cross-entropy
+    # Tokens per device per expert-parallel dispatch (0 = all at once). Bounds the dropless padded
+    # all-to-all buffers (see k2jax.sharding.expert_parallel); must divide batch·seq / devices.
+    moe_chunk_tokens: int = 0
 
     def __post_init__(self):
         check_field_types(self, "compute")
@@ -50,6 +53,8 @@ class ComputeConfig:
             raise ConfigError(f"compute.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.int4_group_size <= 0 or self.loss_chunk_tokens <= 0:
             raise ConfigError("compute.int4_group_size and compute.loss_chunk_tokens must be > 0")
+        if self.moe_chunk_tokens < 0:
+            raise ConfigError(f"compute.moe_chunk_tokens must be >= 0, got {self.moe_chunk_tokens}")
 
     @property
     def jnp_dtype(self):

@@ -22,6 +22,7 @@ Implementations:
            max logit is computed by a separate blocked pass over query chunks (no gradient, no
            [T, S] buffer larger than one chunk), only when asked for (`with_max_logit`).
   "auto"   "cudnn" on GPU, else "xla".
+  "plan"   a shape-faithful stand-in with no [T, S] buffer, for `k2jax plan`'s CPU compile only.
 The "cudnn" wrapper is tested on CPU through the same code with jax's XLA backend of
 `dot_product_attention` (`impl="dpa_xla"`), so only the cuDNN kernel itself is GPU-only.
 """
@@ -31,7 +32,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "xla", "cudnn", "dpa_xla")
+IMPLS = ("auto", "xla", "cudnn", "dpa_xla", "plan")
 
 
 def attention(
@@ -57,7 +58,9 @@ def attention(
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
-    if impl in ("cudnn", "dpa_xla"):
+    if impl == "plan":
+        out = attention_plan(q_nope, q_rope, k_nope, k_rope, v)
+    elif impl in ("cudnn", "dpa_xla"):
         out = attention_dpa(
             q_nope,
             q_rope,
@@ -70,6 +73,7 @@ def attention(
             q_index=q_index,
             implementation="cudnn" if impl == "cudnn" else "xla",
         )
+    if impl in ("cudnn", "dpa_xla", "plan"):
         H = q_nope.shape[2]
         if with_max_logit:
             max_logit = jax.lax.stop_gradient(
@@ -191,3 +195,20 @@ def max_logit_blocked(
         one, (split(q_nope), split(q_rope), split(q_segment_ids), split(q_index))
     )
     return jnp.max(per_block, axis=0)
+
+
+def attention_plan(q_nope, q_rope, k_nope, k_rope, v):
+    """A memory-planning stand-in for flash attention (`k2jax plan` only; NOT attention).
+
+    Output [B, T, H, Dv] from all five inputs, with gradients to each, and no [T, S] buffer —
+    what a flash kernel keeps. Used so that a CPU compile reports the GPU program's memory.
+    """
+    s = jnp.sum(q_nope, -1, keepdims=True) + jnp.sum(q_rope, -1, keepdims=True)
+    s = (
+        s
+        + jnp.sum(k_nope, axis=(1, 3))[:, None, :, None]
+        + jnp.sum(k_rope, axis=(1, 2))[:, None, None, None]
+    )
+    return (v.sum(axis=1, keepdims=True) * s.astype(v.dtype)[..., :1]).astype(v.dtype) + jnp.zeros(
+        (v.shape[0], q_nope.shape[1], v.shape[2], v.shape[3]), v.dtype
+    )

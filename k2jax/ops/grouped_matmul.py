@@ -36,7 +36,7 @@ _DIMS_NK = jax.lax.RaggedDotDimensionNumbers(
     rhs_group_dimensions=[0],
 )
 
-IMPLS = ("auto", "xla", "pallas")
+IMPLS = ("auto", "xla", "pallas", "plan")
 
 
 @jax.tree_util.register_dataclass
@@ -69,6 +69,8 @@ def grouped_matmul(
     _check_shapes(x, w, group_sizes, lora)
     if impl == "auto":
         impl = "pallas" if jax.default_backend() == "gpu" else "xla"
+    if impl == "plan":
+        return grouped_matmul_plan(x, w, group_sizes, lora=lora, lora_x=lora_x)
     if impl == "pallas":
         return grouped_matmul_pallas(
             x,
@@ -102,6 +104,43 @@ def grouped_matmul_reference(
             t, lora.b.astype(lx.dtype), group_sizes, _DIMS_NK, preferred_element_type=out_dtype
         )
     return y
+
+
+def grouped_matmul_plan(x, w, group_sizes, *, lora=None, lora_x=None) -> jax.Array:
+    """A memory-planning stand-in for the GPU kernel (`k2jax plan` only; NOT a matmul).
+
+    Same inputs, outputs and gradient outputs as the Pallas kernel and, like it, no temporaries
+    beyond them — but almost no arithmetic, so a CPU compile of the train step reports the GPU
+    program's memory. (Compiling the real kernel for CPU runs it in interpret mode, which
+    materialises dequantised weights, and the XLA reference is a dense [G, M, N] expansion.)
+    """
+    n = w.shape[1]
+
+    @jax.custom_vjp
+    def f(x, lx, w, lora):
+        return jnp.broadcast_to(jnp.sum(x, axis=1, keepdims=True), (x.shape[0], n)).astype(x.dtype)
+
+    def fwd(x, lx, w, lora):
+        return f(x, lx, w, lora), (x, lx, w, lora)
+
+    def bwd(res, dy):
+        x, lx, w, lora = res
+        row = jnp.sum(dy.astype(jnp.float32), axis=1, keepdims=True)
+        dx = jnp.broadcast_to(row, x.shape).astype(x.dtype)
+        dlx = None if lx is None else jnp.broadcast_to(row, lx.shape).astype(lx.dtype)
+        dw = jax.tree.map(jnp.zeros_like, w)
+        dlora = None
+        if lora is not None:
+            total = jnp.sum(row)
+            dlora = GroupedLora(
+                a=jnp.broadcast_to(total, lora.a.shape).astype(lora.a.dtype),
+                b=jnp.broadcast_to(total, lora.b.shape).astype(lora.b.dtype),
+                scale=lora.scale,
+            )
+        return dx, dlx, dw, dlora
+
+    f.defvjp(fwd, bwd)
+    return f(x, lora_x, w, lora)
 
 
 def _check_shapes(x, w, group_sizes, lora):
