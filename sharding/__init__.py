@@ -1,36 +1,29 @@
 """k2jax.sharding: the device mesh, the logical-axis rules table, expert-parallel dispatch and the
-memory planner. Nothing runs at import time."""
+memory planner. Nothing runs at import time, and jax itself is imported on first use (so that
+`k2jax plan` can still choose how many CPU devices jax simulates)."""
 
-from k2jax.sharding.mesh import (
-    AXES,
-    MeshError,
-    check_mesh_fits,
-    initialize_distributed,
-    make_mesh,
-    parse_mesh_spec,
-)
-from k2jax.sharding.rules import (
-    RULES,
-    ShardingRuleError,
-    flax_rules,
-    logical_specs,
-    param_shardings,
-    spec_for,
-    use_mesh,
-)
+import importlib
 
-__all__ = [
-    "AXES",
-    "RULES",
-    "MeshError",
-    "ShardingRuleError",
-    "check_mesh_fits",
-    "flax_rules",
-    "initialize_distributed",
-    "logical_specs",
-    "make_mesh",
-    "param_shardings",
-    "parse_mesh_spec",
-    "spec_for",
-    "use_mesh",
-]
+_EXPORTS = {
+    "AXES": "mesh",
+    "MeshError": "mesh",
+    "check_mesh_fits": "mesh",
+    "initialize_distributed": "mesh",
+    "make_mesh": "mesh",
+    "parse_mesh_spec": "mesh",
+    "RULES": "rules",
+    "ShardingRuleError": "rules",
+    "flax_rules": "rules",
+    "logical_specs": "rules",
+    "param_shardings": "rules",
+    "spec_for": "rules",
+    "use_mesh": "rules",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"k2jax.sharding.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'k2jax.sharding' has no attribute {name!r}")

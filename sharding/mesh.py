@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
-import jax
-from jax.sharding import AxisType, Mesh
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+# jax is imported inside the functions: `k2jax plan` parses the mesh before jax may start.
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,9 @@ def make_mesh(data: int = 1, expert: int = 1, tensor: int = 1, *, devices=None) 
 
     The product of the axis sizes must equal the number of devices.
     """
+    import jax
+    from jax.sharding import AxisType
+
     devices = list(jax.devices() if devices is None else devices)
     sizes = (data, expert, tensor)
     if any(not isinstance(s, int) or s < 1 for s in sizes):
@@ -95,6 +101,8 @@ def initialize_distributed(**kwargs) -> bool:
     SLURM with more than one task, Open MPI. Returns whether it initialised. Call it before anything
     touches devices; it is a no-op in a single process.
     """
+    import jax
+
     if kwargs:
         jax.distributed.initialize(**kwargs)
         return True

@@ -114,21 +114,22 @@ def grouped_matmul_plan(x, w, group_sizes, *, lora=None, lora_x=None) -> jax.Arr
     program's memory. (Compiling the real kernel for CPU runs it in interpret mode, which
     materialises dequantised weights, and the XLA reference is a dense [G, M, N] expansion.)
     """
+    # The weights are not inputs of the stand-in (only their shape is): the real kernel reads
+    # them in place, while XLA:CPU would copy int4 stacks to int8 to slice them in the layer loop.
     n = w.shape[1]
 
     @jax.custom_vjp
-    def f(x, lx, w, lora):
+    def f(x, lx, lora):
         return jnp.broadcast_to(jnp.sum(x, axis=1, keepdims=True), (x.shape[0], n)).astype(x.dtype)
 
-    def fwd(x, lx, w, lora):
-        return f(x, lx, w, lora), (x, lx, w, lora)
+    def fwd(x, lx, lora):
+        return f(x, lx, lora), (x, lx, lora)
 
     def bwd(res, dy):
-        x, lx, w, lora = res
+        x, lx, lora = res
         row = jnp.sum(dy.astype(jnp.float32), axis=1, keepdims=True)
         dx = jnp.broadcast_to(row, x.shape).astype(x.dtype)
         dlx = None if lx is None else jnp.broadcast_to(row, lx.shape).astype(lx.dtype)
-        dw = jax.tree.map(jnp.zeros_like, w)
         dlora = None
         if lora is not None:
             total = jnp.sum(row)
@@ -137,10 +138,10 @@ def grouped_matmul_plan(x, w, group_sizes, *, lora=None, lora_x=None) -> jax.Arr
                 b=jnp.broadcast_to(total, lora.b.shape).astype(lora.b.dtype),
                 scale=lora.scale,
             )
-        return dx, dlx, dw, dlora
+        return dx, dlx, dlora
 
     f.defvjp(fwd, bwd)
-    return f(x, lora_x, w, lora)
+    return f(x, lora_x, lora)
 
 
 def _check_shapes(x, w, group_sizes, lora):

@@ -1,0 +1,124 @@
+"""`k2jax plan`: per-device memory of a LoRA run on a mesh, computed on this CPU (no GPU needed).
+
+    k2jax plan --config configs/kimi_k2_thinking.gin --mesh data=1,expert=8,tensor=1 \\
+        --seq 4096 --device-memory-gb 141 [--batch N] [--max-seq] [--json]
+
+`--config` is a model preset (configs/kimi_k2_thinking.gin) or a run config (configs/lora_sft.gin:
+its compute, lora and optim sections are planned as configured; its architecture comes from
+model.preset or from model.path's config.json). `--max-seq` searches the longest sequence that
+fits. With `--json` the last line is one JSON object with at least `per_device_bytes` and `fits`.
+
+The command sets how many CPU devices jax simulates (the mesh size) before jax starts; see
+k2jax.sharding.planner for how the compiled CPU program stands in for the GPU one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="model preset or run config (gin)")
+    parser.add_argument(
+        "--mesh", default="data=1,expert=8,tensor=1", help="data=..,expert=..,tensor=.."
+    )
+    parser.add_argument("--seq", type=int, default=4096, help="sequence length (tokens per row)")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="rows per step (default data×expert)"
+    )
+    parser.add_argument("--device-memory-gb", type=float, default=80.0, help="memory per GPU, GiB")
+    parser.add_argument(
+        "--reserve", type=float, default=0.05, help="fraction kept free (default 0.05)"
+    )
+    parser.add_argument(
+        "--moe-chunk-tokens",
+        type=int,
+        default=None,
+        help="tokens per expert-parallel dispatch chunk (default: the config's, else 512)",
+    )
+    parser.add_argument(
+        "--max-seq", action="store_true", help="find the longest sequence that fits"
+    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object as the last line"
+    )
+
+
+def _configs(path: str, overrides: list[str]):
+    """(ModelConfig, compute, lora, optim) from a preset or a run config."""
+    from k2jax.config import ConfigError, ModelConfig, load_model_config, parse_bindings
+    from k2jax.model import ComputeConfig
+
+    with open(path) as f:
+        text_keys = {k for s, k, _, _ in parse_bindings(f.read(), filename=path) if s == "model"}
+    if "path" in text_keys or "preset" in text_keys:
+        from k2jax.train.config import RunConfig
+
+        run = RunConfig.load(path, overrides)
+        if run.model.preset:
+            model = load_model_config(run.model.preset)
+        else:
+            model = ModelConfig.from_hf_dir(run.model.path)
+        return model, run.compute, run.lora, run.optim
+    try:
+        model = load_model_config(path, [o for o in overrides if o.startswith("model.")])
+    except ConfigError as e:
+        raise ConfigError(f"{path}: not a model preset or run config: {e}") from None
+    compute = ComputeConfig(dtype="bfloat16", param_dtype="bfloat16", experts="int4", remat="full")
+    return model, compute, None, None
+
+
+def run(args: argparse.Namespace) -> int:
+    from k2jax.sharding.mesh import parse_mesh_spec
+
+    sizes = parse_mesh_spec(args.mesh)
+    n = math.prod(sizes.values())
+    # Before jax starts: simulate the mesh's devices on the CPU.
+    if "jax" in __import__("sys").modules:
+        import jax
+
+        if jax.device_count() < n:
+            raise ValueError(f"jax is already running with {jax.device_count()} devices (< {n})")
+    else:
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+        )
+        os.environ["JAX_PLATFORMS"] = "cpu"
+
+    import dataclasses
+
+    from k2jax.sharding.planner import GIB, largest_fitting_seq, plan
+
+    model, compute, lora, optim = _configs(args.config, args.set)
+    chunk = args.moe_chunk_tokens
+    if chunk is None:
+        chunk = compute.moe_chunk_tokens or 512
+    compute = dataclasses.replace(compute, moe_chunk_tokens=chunk)
+    kw = dict(
+        mesh_sizes=sizes,
+        batch=args.batch,
+        device_memory_gb=args.device_memory_gb,
+        reserve_fraction=args.reserve,
+        lora=lora,
+        optim=optim,
+        compute=compute,
+    )
+    if args.max_seq:
+        _, result = largest_fitting_seq(model, step=1024, **kw)
+        if result is None:
+            print(f"nothing fits: even {1024} tokens per row exceed {args.device_memory_gb} GiB")
+            result = plan(model, seq=1024, **kw)
+    else:
+        result = plan(model, seq=args.seq, **kw)
+    print(result.table())
+    if args.max_seq:
+        print(f"largest sequence that fits: {result.seq if result.fits else 0}")
+    if args.json:
+        out = result.as_dict()
+        out["per_device_gib"] = result.per_device_bytes / GIB
+        print(json.dumps(out))
+    return 0

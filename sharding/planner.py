@@ -1,0 +1,234 @@
+"""The memory planner: will a LoRA run of a model fit a given mesh of GPUs? No GPU needed.
+
+`plan(...)` builds the *real* training program of k2jax.train (the same jitted step, shardings and
+optimizer a run uses) on abstract parameters — no weights are read or allocated — and compiles it
+ahead of time for the requested mesh with CPU devices standing in for the GPUs. Per device it
+reports:
+
+    int4 weights        routed experts' int4 codes (half a byte each) + their bf16 group scales
+    bf16 weights        every other frozen base weight (attention, dense/shared MLP, router, ...)
+    lora                the trainable adapters (float32 masters) and any trainable base weights
+    optimizer           optimizer state (Muon momentum, AdamW moments) for the trainable leaves
+    other state         step counters, QK-clip factors, RNG, the batch
+    temporaries         XLA's peak working memory of the step (activations, gradients, all-to-all
+                        buffers), from the compiled executable's memory analysis
+    total               arguments + temporaries + outputs that do not alias an argument (the state
+                        is donated, so the new state reuses the old buffers)
+
+and a verdict: total ≤ device memory − reserve (CUDA context, allocator fragmentation).
+
+Two substitutions make the CPU compile report the GPU program's memory. The grouped matmul and the
+attention are compiled as shape-faithful stand-ins (`impl="plan"`, k2jax/ops): on GPU they are
+kernels whose only buffers are their outputs, while their CPU lowerings (Pallas in interpret mode,
+or XLA's dense expansions) would allocate what the GPU never does. And int4 is counted at half a
+byte, as XLA packs it on GPU. Everything else — the decoder scan and its rematerialisation, the
+expert-parallel all-to-all buffers, the chunked loss, the optimizer — is the real program.
+
+Rejected alternative: a hand-written formula of activation sizes. It goes stale with every change
+of the model code; compiling the real step cannot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+GIB = 2**30
+
+
+@dataclasses.dataclass
+class PlanResult:
+    mesh: dict[str, int]
+    seq: int
+    batch: int
+    moe_chunk_tokens: int
+    device_memory_bytes: int
+    reserve_bytes: int
+    int4_weights: int
+    bf16_weights: int
+    lora: int
+    optimizer: int
+    other_state: int
+    temporaries: int
+    per_device_bytes: int
+    fits: bool
+    compiled_argument_bytes: int
+    compiled_output_bytes: int
+    compiled_alias_bytes: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        rows = [
+            ("int4 weights (experts)", self.int4_weights),
+            ("bf16 weights (rest of base)", self.bf16_weights),
+            ("LoRA (+ trainable base), fp32", self.lora),
+            ("optimizer state", self.optimizer),
+            ("other state + batch", self.other_state),
+            ("temporaries (compiled peak)", self.temporaries),
+            ("total per device", self.per_device_bytes),
+            ("device memory", self.device_memory_bytes),
+        ]
+        mesh = ",".join(f"{k}={v}" for k, v in self.mesh.items())
+        lines = [
+            f"mesh {mesh}  seq {self.seq}  batch {self.batch}  "
+            f"moe_chunk_tokens {self.moe_chunk_tokens or 'all'}"
+        ]
+        lines += [f"  {name:<32}{b / GIB:10.2f} GiB" for name, b in rows]
+        verdict = "fits" if self.fits else "does NOT fit"
+        lines.append(f"  verdict: {verdict} (reserve {self.reserve_bytes / GIB:.1f} GiB)")
+        return "\n".join(lines)
+
+
+def _shard_bytes(x) -> int:
+    """Bytes one device holds of the abstract array x (int4 at half a byte)."""
+    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) else x.shape
+    n = math.prod(shape)
+    if x.dtype == jnp.int4:
+        return (n + 1) // 2
+    return n * np.dtype(x.dtype).itemsize
+
+
+def _tree_bytes(tree, shardings) -> int:
+    leaves = jax.tree.leaves(tree)
+    shards = jax.tree.leaves(shardings)
+    return sum(
+        _shard_bytes(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s))
+        for x, s in zip(leaves, shards)
+    )
+
+
+def plan(
+    model_cfg,
+    *,
+    mesh_sizes: dict[str, int],
+    seq: int,
+    batch: int | None = None,
+    device_memory_gb: float = 80.0,
+    reserve_fraction: float = 0.05,
+    lora=None,
+    optim=None,
+    compute=None,
+    grad_accum: int = 1,
+) -> PlanResult:
+    """Compiles the LoRA train step of `model_cfg` for the mesh and reports per-device bytes.
+
+    batch defaults to one sequence per data-parallel shard (data × expert rows).
+    """
+    from k2jax.lora import LoraConfig
+    from k2jax.model import ComputeConfig
+    from k2jax.optim import OptimConfig, ScheduleConfig
+    from k2jax.sharding.mesh import check_mesh_fits, make_mesh
+    from k2jax.sharding.rules import use_mesh
+    from k2jax.train.step import Program, StepSpec
+
+    n_dev = math.prod(mesh_sizes.values())
+    if jax.device_count() < n_dev:
+        raise ValueError(
+            f"the plan needs {n_dev} (CPU) devices but jax has {jax.device_count()}; "
+            "run it through `k2jax plan`, which sets the device count before jax starts"
+        )
+    mesh = make_mesh(**mesh_sizes, devices=jax.devices()[:n_dev])
+    check_mesh_fits(mesh, model_cfg)
+    rows = mesh_sizes["data"] * mesh_sizes["expert"]
+    batch = batch or rows
+    if batch % rows:
+        raise ValueError(f"batch {batch} must be divisible by data × expert = {rows}")
+    compute = compute or ComputeConfig(dtype="bfloat16", param_dtype="bfloat16", experts="int4")
+    compute = dataclasses.replace(compute, gmm_impl="plan", attention_impl="plan")
+    spec = StepSpec(
+        model=model_cfg,
+        compute=compute,
+        lora=lora or LoraConfig(rank=16),
+        optim=optim or OptimConfig(),
+        schedule=ScheduleConfig(),
+        total_steps=1000,
+        grad_accum=grad_accum,
+    )
+    program = Program(spec, mesh)
+    with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+    state = jax.tree.map(with_sharding, program.state_abstract, program.state_shardings)
+    frozen = jax.tree.map(with_sharding, program.frozen_abstract, program.frozen_shardings)
+    micro = batch // grad_accum
+    batch_abs = {
+        k: jax.ShapeDtypeStruct(
+            (grad_accum, micro, seq),
+            jnp.float32 if k == "loss_mask" else jnp.int32,
+            sharding=program.batch_sharding,
+        )
+        for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+    }
+    with use_mesh(mesh):
+        compiled = program._train_step.lower(state, frozen, batch_abs).compile()
+    ma = compiled.memory_analysis()
+
+    is_int4 = lambda path: path[-1] in ("weight_q", "weight_scale")  # noqa: E731
+    int4 = bf16 = 0
+    for (path, x), s in zip(
+        jax.tree_util.tree_flatten_with_path(program.frozen_abstract)[0],
+        jax.tree.leaves(program.frozen_shardings),
+    ):
+        b = _shard_bytes(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s))
+        if is_int4(tuple(getattr(k, "key", k) for k in path)):
+            int4 += b
+        else:
+            bf16 += b
+    sh = program.state_shardings
+    lora_b = _tree_bytes(program.state_abstract["trainable"], sh["trainable"])
+    opt_b = _tree_bytes(program.state_abstract["opt_state"], sh["opt_state"])
+    rest = {k: v for k, v in program.state_abstract.items() if k not in ("trainable", "opt_state")}
+    other = _tree_bytes(rest, {k: sh[k] for k in rest}) + sum(
+        _shard_bytes(x) for x in batch_abs.values()
+    )
+    temps = int(ma.temp_size_in_bytes)
+    unaliased_out = max(0, int(ma.output_size_in_bytes) - int(ma.alias_size_in_bytes))
+    total = int4 + bf16 + lora_b + opt_b + other + temps + unaliased_out
+    mem = int(device_memory_gb * GIB)
+    reserve = int(mem * reserve_fraction)
+    return PlanResult(
+        mesh=dict(mesh_sizes),
+        seq=seq,
+        batch=batch,
+        moe_chunk_tokens=compute.moe_chunk_tokens,
+        device_memory_bytes=mem,
+        reserve_bytes=reserve,
+        int4_weights=int4,
+        bf16_weights=bf16,
+        lora=lora_b,
+        optimizer=opt_b,
+        other_state=other,
+        temporaries=temps + unaliased_out,
+        per_device_bytes=total,
+        fits=total <= mem - reserve,
+        compiled_argument_bytes=int(ma.argument_size_in_bytes),
+        compiled_output_bytes=int(ma.output_size_in_bytes),
+        compiled_alias_bytes=int(ma.alias_size_in_bytes),
+    )
+
+
+def largest_fitting_seq(model_cfg, *, step: int = 1024, max_seq: int | None = None, **kw):
+    """The longest sequence (a multiple of `step`) whose plan fits, by bisection; with its plan."""
+    hi_cap = max_seq or model_cfg.max_position_embeddings
+    lo, lo_plan = 0, None
+    hi = step
+    # grow until it does not fit (or the cap), then bisect
+    while hi <= hi_cap:
+        p = plan(model_cfg, seq=hi, **kw)
+        if not p.fits:
+            break
+        lo, lo_plan = hi, p
+        hi *= 2
+    hi = min(hi, hi_cap + step)
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        p = plan(model_cfg, seq=mid, **kw)
+        if p.fits:
+            lo, lo_plan = mid, p
+        else:
+            hi = mid
+    return lo, lo_plan
