@@ -1,22 +1,51 @@
-"""Loading a Hugging Face checkpoint folder into k2jax parameters, straight onto their shardings.
+"""Loading a Hugging Face checkpoint folder straight onto a device mesh, in any Kimi format.
 
-The loader never builds the model on one host: for every parameter leaf it asks
-`jax.make_array_from_callback` for an array with the leaf's final sharding, and the callback
-assembles only the slice a device owns, reading only the HF tensors that intersect it. A stacked
-leaf such as `moe_layers/mlp/experts/gate_up_proj/weight` [L, E, 2F, D] is put together from the
-per-expert, per-layer HF tensors that fall into the requested [layer, expert] range.
+What it reads. A folder with `config.json` and safetensors weights (an index + shards, or one
+file) in one of the three forms Kimi ships (K2_FACTS §2): plain bf16/fp32, FP8 blocks
+(K2-Instruct: `weight` + `weight_scale_inv`) or compressed-tensors INT4 experts (K2-Thinking,
+K2.5: `weight_packed` / `weight_scale` / `weight_shape`). `parse_quantization` reads which from
+config.json (K2.5 nests it in `text_config` and prefixes every text tensor with
+`language_model.`); the vision tower and projector of K2.5 are skipped with one log line, rotary
+`inv_freq` buffers are ignored, everything else must have its place in the model and the shape
+the config implies — a mismatch is an error naming the tensor, raised before any array is built.
 
-Targets that differ from the stored form are converted on the way: a bf16/fp32 tensor becomes an
-INT4 `weight_q`/`weight_scale` pair when the model holds experts in INT4 (compressed-tensors'
-min-max rule, k2jax.quant.quantize_int4), and the other way round.
+What it builds. The "params" tree described by the model's abstract variables (one description
+of every weight: shapes, dtypes and — through the rules table — shardings). Each stored tensor is
+decoded on the host into what its leaf holds: FP8 is dequantised to the parameter dtype; INT4
+experts go unchanged into `weight_q` (jnp.int4 codes) and `weight_scale` when the model holds
+experts INT4, or are dequantised when it holds them dense (`experts="bf16"`); a dense checkpoint
+loaded with INT4 experts is quantised with compressed-tensors' rule (k2jax.quant.quantize_int4).
+
+How it places. No array is ever assembled whole on one host or device: every leaf is created
+with its final sharding, from per-device slices each of which reads only the HF tensors (and
+rows) that intersect that device's slice. Leaves are built in pieces (`Piece`): one layer of a
+stacked leaf ([L, ...], [L, E, ...]), and for the routed experts a range of rows of one layer
+(their row axis is never sharded, so a row range is sharded like the whole layer), at most
+`max_piece_bytes` each. The leaf starts as a sharded zero buffer and each piece is written into it
+by a jitted `dynamic_update_slice` that donates the buffer, so device memory holds the leaf plus
+one piece and host memory one device's slice of one piece (for Kimi-K2's gate|up expert stack on
+8 devices at most 48 experts × 4096 × 7168 codes ≈ 1.4 GB, against 42 GB for a whole device
+shard). Rejected: `jax.make_array_from_callback` on the whole leaf (it holds every device's
+whole slice on the host at once) and `jnp.stack` of per-layer arrays (twice the leaf in device
+memory). The same pieces are the unit of the converted Orbax format (orbax_io.py).
+
+Reads go through `pread` into buffers we own instead of through the memory map of
+`CheckpointIndex.read`: the header checks are the same (`CheckpointIndex.info`), but mapped
+pages of a 9 GB shard stay in the process's resident set while the file is open, so the memory a
+conversion really needs could not be measured or bounded. Pages still go through the page cache,
+which the kernel reclaims freely.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import functools
 import logging
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import flax.linen as nn
@@ -25,250 +54,789 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from k2jax.config import ModelConfig
-from k2jax.conversion.hf_names import (
-    ParamSlot,
-    UnknownTensorError,
-    hf_to_slot,
-    normalize_name,
+from k2jax.config import ModelConfig, read_hf_config
+from k2jax.conversion.formats import (
+    FP8,
+    INT4,
+    NONE,
+    WeightFormat,
+    dequantize_fp8_block,
+    dequantize_int4,
+    fp8_scale_shape,
+    parse_quantization,
+    unpack_int4,
+)
+from k2jax.conversion.hf_names import SKIPPED_PREFIXES, ParamSlot, is_ignored, slot_to_hf
+from k2jax.conversion.safetensors_io import (
+    CheckpointError,
+    CheckpointIndex,
+    SafetensorsError,
 )
 from k2jax.quant import quantize_int4
 
+__all__ = [
+    "CheckpointError",
+    "HFCheckpoint",
+    "LeafPlan",
+    "Piece",
+    "abstract_params",
+    "default_experts",
+    "load_params",
+]
+
 log = logging.getLogger(__name__)
 
-
-class CheckpointError(ValueError):
-    """A checkpoint folder or tensor is not what the config says; the message names it."""
-
-
-class _SafetensorsShim:
-    """Minimal reader over safetensors' numpy API (bf16/fp32 checkpoints)."""
-
-    def __init__(self, folder: Path):
-        import json
-
-        from safetensors import safe_open
-
-        self.folder = folder
-        index = folder / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-        elif (folder / "model.safetensors").exists():
-            with safe_open(folder / "model.safetensors", "numpy") as f:
-                weight_map = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
-        else:
-            raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-        self.weight_map = weight_map
-        self._open = {}
-
-    def names(self) -> list[str]:
-        return list(self.weight_map)
-
-    def read(self, name: str) -> np.ndarray:
-        from safetensors import safe_open
-
-        file = self.weight_map[name]
-        if file not in self._open:
-            self._open[file] = safe_open(self.folder / file, "numpy")
-        return self._open[file].get_tensor(name)
+STACKS = ("dense_layers", "moe_layers")
+# The modules that are nn.Linear in the HF model (what quantization configs target).
+LINEAR_MODULES = frozenset(
+    {
+        "q_a_proj",
+        "q_b_proj",
+        "kv_a_proj_with_mqa",
+        "kv_b_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "gate_up_proj",
+        "lm_head",
+    }
+)
+K25_PREFIX = "language_model."
+# Largest piece built in one go when loading (an expert leaf's layer is cut into row ranges).
+DEFAULT_PIECE_BYTES = 1 << 30
+_FLOAT_DTYPES = ("F32", "BF16", "F16")
+_SCALE_DTYPES = ("F32", "BF16", "F16")
 
 
-@dataclasses.dataclass
-class _Source:
-    """One HF tensor (or quantized tensor group) feeding a leaf."""
-
-    hf_name: str
-    slot: ParamSlot
-
-
-def _to_numpy_dtype(dtype) -> np.dtype:
-    if dtype == jnp.bfloat16:
-        return np.dtype(ml_dtypes.bfloat16)
-    if dtype == jnp.int4:
-        return np.dtype(ml_dtypes.int4)
-    return np.dtype(dtype)
+def default_experts(fmt: WeightFormat, cfg: ModelConfig) -> str:
+    """How experts are held by default: "int4" when the checkpoint stores them INT4, else
+    "bf16" (dense)."""
+    if fmt.method != INT4 or cfg.num_moe_layers == 0:
+        return "bf16"
+    module = f"model.layers.{cfg.first_k_dense_replace}.mlp.experts.0.down_proj"
+    return "int4" if fmt.is_quantized(module) else "bf16"
 
 
-def plan_sources(reader, cfg: ModelConfig) -> dict[tuple[str, ...], list[_Source]]:
-    """Groups the checkpoint's tensors by the module they belong to (module path → sources)."""
-    plan: dict[tuple[str, ...], list[_Source]] = defaultdict(list)
-    skipped = 0
-    for raw in reader.names():
-        name = normalize_name(raw)
-        if name is None:
-            skipped += 1
-            continue
-        try:
-            slot = hf_to_slot(name, cfg)
-        except UnknownTensorError as e:
-            raise CheckpointError(
-                f"{reader.folder}: tensor {raw!r} is not part of a Kimi-K2 text model ({e})"
-            ) from None
-        if slot is None:
-            continue
-        plan[(*slot.module, slot.suffix)].append(_Source(raw, slot))
-    if skipped:
-        log.info("skipped %d vision/projector tensors (not part of the text model)", skipped)
-    return plan
+# ---------------------------------------------------------------------------------------------
+# Reading tensors (rows of them) into owned buffers
 
 
-def _assemble(
-    shape: tuple[int, ...],
-    index: tuple[slice, ...],
-    sources: Sequence[_Source],
-    read: Callable[[_Source], np.ndarray],
-    dtype: np.dtype,
-    stacked_dims: int,
-    part_rows: int | None,
-) -> np.ndarray:
-    """Builds leaf[index] from the sources that intersect it.
+class _TensorReader:
+    """Reads tensors, or row ranges of them, with pread into freshly allocated arrays.
 
-    The first `stacked_dims` dims of the leaf are (layer[, expert]); each source fills one entry
-    of them, and for a fused gate|up leaf (`part_rows` = F) rows [part·F, (part+1)·F) of the next.
+    Headers come from the CheckpointIndex (validated there: offsets inside the file, sizes
+    matching dtype × shape, index and shard in agreement); this class only fetches bytes.
     """
-    index = tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
-    out_shape = tuple(s.stop - s.start for s in index)
-    out = np.empty(out_shape, dtype)
-    filled = np.zeros(out_shape[:stacked_dims] + ((2,) if part_rows else ()), bool)
-    for src in sources:
-        lead = tuple(i for i in (src.slot.layer, src.slot.expert) if i is not None)
-        if len(lead) != stacked_dims:
-            raise CheckpointError(f"{src.hf_name}: unexpected position in a stacked parameter")
-        if not all(s.start <= i < s.stop for i, s in zip(lead, index)):
-            continue
-        local = tuple(i - s.start for i, s in zip(lead, index))
-        rest = index[stacked_dims:]
-        if part_rows:
-            row0 = src.slot.part * part_rows
-            r = rest[0]
-            lo, hi = max(r.start, row0), min(r.stop, row0 + part_rows)
+
+    def __init__(self, index: CheckpointIndex, max_open_files: int = 16):
+        self.index = index
+        self.max_open_files = max_open_files
+        self._files: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
+
+    def info(self, name: str):
+        return self.index.info(name)
+
+    def _open(self, shard: str) -> tuple[int, int]:
+        """(file descriptor, byte offset of the data section) of a shard, LRU-cached."""
+        if shard in self._files:
+            self._files.move_to_end(shard)
+            return self._files[shard]
+        path = self.index.folder / shard
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+        header_len = int.from_bytes(os.pread(fd, 8, 0), "little")
+        self._files[shard] = (fd, 8 + header_len)
+        while len(self._files) > self.max_open_files:
+            old_fd, _ = self._files.popitem(last=False)[1]
+            os.close(old_fd)
+        return self._files[shard]
+
+    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """Tensor `name` (or its rows `rows`, a step-1 slice of the first axis) as a new array."""
+        info = self.index.info(name)
+        shape, dtype = info.shape, info.numpy_dtype
+        begin = info.offsets[0]
+        if rows is not None:
+            start, stop, _ = rows.indices(shape[0])
+            stop = max(start, stop)
+            begin += start * math.prod(shape[1:]) * dtype.itemsize
+            shape = (stop - start, *shape[1:])
+        out = np.empty(shape, dtype)
+        if out.nbytes == 0:
+            return out
+        shard = self.index.shard_of(name)
+        fd, data_start = self._open(shard)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], data_start + begin + done)
+            if n <= 0:
+                raise SafetensorsError(
+                    f"{self.index.folder / shard}: the file ends inside tensor {name!r} "
+                    "(truncated after its header was read?)"
+                )
+            done += n
+        return out
+
+    def close(self) -> None:
+        for fd, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: which stored tensors feed which leaf
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+    """One leaf of the params tree and how to read it.
+
+    path:     the leaf's key path, e.g. ("moe_layers", "mlp", "experts", "gate_up_proj", "weight_q")
+    shape:    the whole leaf's shape; dtype: its numpy dtype (ml_dtypes for bf16 / int4)
+    sharding: its final sharding
+    layers:   L for leaves stacked over layers (leading [L] axis), else None
+    """
+
+    path: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    sharding: jax.sharding.Sharding
+    layers: int | None
+
+    @property
+    def name(self) -> str:
+        return "/".join(self.path)
+
+    @property
+    def module(self) -> tuple[str, ...]:
+        return self.path[:-1]
+
+    @property
+    def leaf(self) -> str:
+        return self.path[-1]
+
+    @property
+    def experts(self) -> bool:
+        """Whether the leaf has an [E] axis (after the layer axis)."""
+        return "experts" in self.module
+
+    @property
+    def linear(self) -> bool:
+        """Whether the leaf is (part of) a Linear weight, i.e. possibly stored quantized."""
+        return self.leaf in ("weight", "weight_q", "weight_scale") and (
+            self.module[-1] in LINEAR_MODULES
+        )
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        """The shape of one layer (the whole leaf when not stacked)."""
+        return self.shape[1:] if self.layers is not None else self.shape
+
+    @property
+    def layer_sharding(self) -> jax.sharding.Sharding:
+        return layer_sharding(self.sharding, stacked=self.layers is not None)
+
+    def layer_indices(self) -> list[int | None]:
+        return [None] if self.layers is None else list(range(self.layers))
+
+    def split(self, max_bytes: int) -> list[Piece]:
+        """The leaf as pieces of at most `max_bytes` where it can be cut: one per layer, and an
+        expert leaf's layer further into row ranges (its rows are never sharded, so a range of
+        them is sharded like the whole layer and restores onto any mesh that holds the layer)."""
+        chunks = 1
+        if self.experts and len(self.layer_shape) == 3 and _spec_of(self.layer_sharding, 1) is None:
+            layer_bytes = math.prod(self.layer_shape) * self.dtype.itemsize
+            chunks = min(self.layer_shape[1], max(1, -(-layer_bytes // max_bytes)))
+        out = []
+        for layer in self.layer_indices():
+            if chunks == 1:
+                out.append(Piece(self, layer, None))
+                continue
+            n = self.layer_shape[1]
+            step = -(-n // chunks)
+            out += [Piece(self, layer, (r, min(n, r + step))) for r in range(0, n, step)]
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """What is built (and, in a converted folder, stored) in one go: one layer of a leaf, or a
+    range of its rows (axis 1 of an expert leaf's layer: [E, rows, in])."""
+
+    leaf: LeafPlan
+    layer: int | None
+    rows: tuple[int, int] | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = list(self.leaf.layer_shape)
+        if self.rows is not None:
+            shape[1] = self.rows[1] - self.rows[0]
+        return tuple(shape)
+
+    @property
+    def sharding(self) -> jax.sharding.Sharding:
+        return self.leaf.layer_sharding
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.leaf.dtype.itemsize
+
+    @property
+    def key(self) -> str | None:
+        """Its name under the leaf in a converted item (None: the piece is the whole leaf)."""
+        if self.layer is None:
+            return None
+        rows = "" if self.rows is None else f"_rows_{self.rows[0]}_{self.rows[1]}"
+        return f"layer_{self.layer:03d}{rows}"
+
+    def starts(self) -> tuple[int, ...]:
+        """Where the piece goes in the whole leaf."""
+        starts = [0] * len(self.leaf.shape)
+        if self.layer is not None:
+            starts[0] = self.layer
+        if self.rows is not None:
+            starts[len(self.leaf.shape) - len(self.leaf.layer_shape) + 1] = self.rows[0]
+        return tuple(starts)
+
+    def layer_index(self, index: tuple[slice, ...]) -> tuple[slice, ...]:
+        """A slice of the piece as a slice of its whole layer."""
+        if self.rows is None:
+            return index
+        r = index[1]
+        return (index[0], slice(r.start + self.rows[0], r.stop + self.rows[0]), *index[2:])
+
+
+def _spec_of(sharding, axis: int):
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec)
+        return spec[axis] if axis < len(spec) else None
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_params(cfg: ModelConfig, compute):
+    """The boxed abstract "params" of a model (shapes, dtypes, logical axes; no memory).
+
+    Cached per (config, compute): tracing the model's init costs about a second."""
+    from k2jax.model import Transformer
+    from k2jax.model.transformer import init_variables
+
+    model = Transformer(cfg, compute)
+    return jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))["params"]
+
+
+def layer_sharding(sharding: jax.sharding.Sharding, *, stacked: bool) -> jax.sharding.Sharding:
+    """The sharding of one layer of a stacked leaf: the leaf's, without the leading axis."""
+    if not stacked:
+        return sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = tuple(sharding.spec)[1:]
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return sharding
+    raise TypeError(f"unsupported sharding {sharding!r}: use a NamedSharding or a single device")
+
+
+def plan_leaves(abstract_params, shardings=None) -> list[LeafPlan]:
+    """LeafPlans for an abstract params tree (boxed or plain ShapeDtypeStructs)."""
+    abstract = nn.unbox(abstract_params)
+    flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    if shardings is None:
+        device = jax.local_devices()[0]
+        flat_shardings = [jax.sharding.SingleDeviceSharding(device)] * len(flat)
+    else:
+        flat_shardings = jax.tree.leaves(shardings)
+        if len(flat_shardings) != len(flat):
+            raise ValueError("shardings must have the structure of the params tree")
+    plans = []
+    for (path, spec), sharding in zip(flat, flat_shardings):
+        keys = tuple(str(p.key) for p in path)
+        layers = spec.shape[0] if keys[0] in STACKS else None
+        plans.append(LeafPlan(keys, tuple(spec.shape), np.dtype(spec.dtype), sharding, layers))
+    return plans
+
+
+@dataclasses.dataclass(frozen=True)
+class _Module:
+    """One stored weight (or plain tensor) of the checkpoint: its name and storage form."""
+
+    name: str  # HF name without K2.5's prefix and without the suffix, e.g. model.layers.3.mlp.gate
+    method: str  # NONE (plain tensor), FP8 or INT4
+    out_features: int | None = None  # rows and columns of a Linear weight
+    in_features: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoint
+
+
+class HFCheckpoint:
+    """A Hugging Face checkpoint folder, checked against a model config and ready to read.
+
+        ckpt = HFCheckpoint("ckpt/Kimi-K2-Thinking")
+        ckpt.default_experts                      # "int4"
+        params = ckpt.load(abstract_params, shardings)
+
+    Construction reads config.json, the index and every shard header (not the data).
+    """
+
+    def __init__(self, folder: str | os.PathLike, cfg: ModelConfig | None = None):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"{self.folder}: not a checkpoint folder")
+        self.config_json = read_hf_config(self.folder)
+        source = str(self.folder / "config.json")
+        self.cfg = cfg or ModelConfig.from_hf_dict(self.config_json, source=source)
+        self.format = parse_quantization(self.config_json, source=source)
+        self.index = CheckpointIndex(self.folder)
+        self.index.validate()
+        self.reader = _TensorReader(self.index)
+        self._checked_int4: set[str] = set()
+        self._groups: dict[tuple[str, ...], int] = {}  # INT4 group size of the model's leaves
+
+        names = self.index.names()
+        wrapped = self.config_json.get("model_type") == "kimi_k25"
+        self.prefix = K25_PREFIX if wrapped or any(n.startswith(K25_PREFIX) for n in names) else ""
+        skipped = [n for n in names if n.startswith(SKIPPED_PREFIXES)]
+        if skipped:
+            log.info(
+                "%s: skipping %d vision/projector tensors (%s...): not part of the text model",
+                self.folder,
+                len(skipped),
+                skipped[0],
+            )
+        self._stored = {n for n in names if not n.startswith(SKIPPED_PREFIXES)}
+
+    @property
+    def default_experts(self) -> str:
+        return default_experts(self.format, self.cfg)
+
+    def __repr__(self) -> str:
+        return f"HFCheckpoint({str(self.folder)!r}, format={self.format.method})"
+
+    def close(self) -> None:
+        self.reader.close()
+        self.index.close()
+
+    def __enter__(self) -> HFCheckpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- names ----------------------------------------------------------------------------------
+    def stored_name(self, name: str) -> str:
+        return self.prefix + name
+
+    def _module(self, leaf: LeafPlan, layer: int | None, expert: int | None, part: int | None):
+        """The stored module feeding one entry of a leaf."""
+        suffix = "weight" if leaf.linear else leaf.leaf
+        slot = ParamSlot(leaf.module, suffix, layer, expert, part)
+        full = slot_to_hf(slot, self.cfg)
+        if not leaf.linear:
+            return _Module(full, NONE)
+        name = full.removesuffix(".weight")
+        out_f, in_f = leaf.layer_shape[-2], leaf.layer_shape[-1]
+        if leaf.leaf == "weight_scale":
+            in_f = self._int4_in_features(leaf)
+        if part is not None:
+            out_f //= 2
+        method = self.format.method if self.format.is_quantized(name) else NONE
+        return _Module(name, method, out_f, in_f)
+
+    def _int4_in_features(self, leaf: LeafPlan) -> int:
+        # weight_scale's sibling weight_q has the input width; the model's group size links them.
+        return leaf.layer_shape[-1] * self._model_group(leaf)
+
+    def _model_group(self, leaf: LeafPlan) -> int:
+        return self._groups[leaf.module]
+
+    def modules_of(
+        self, leaf: LeafPlan, layer: int | None
+    ) -> Iterator[tuple[int | None, int | None, _Module]]:
+        """(expert, part, module) for every stored module feeding one layer of a leaf."""
+        experts = range(leaf.layer_shape[0]) if leaf.experts else [None]
+        parts = (0, 1) if leaf.module[-1] == "gate_up_proj" else (None,)
+        for e in experts:
+            for p in parts:
+                yield e, p, self._module(leaf, layer, e, p)
+
+    def stored_tensors(self, mod: _Module) -> dict[str, str]:
+        """suffix → stored tensor name of one module."""
+        if mod.method == NONE and mod.out_features is None:  # a plain tensor, name complete
+            return {"": self.stored_name(mod.name)}
+        suffixes = {
+            NONE: ("weight",),
+            FP8: ("weight", "weight_scale_inv"),
+            INT4: ("weight_packed", "weight_scale", "weight_shape"),
+        }[mod.method]
+        return {s: self.stored_name(f"{mod.name}.{s}") for s in suffixes}
+
+    # -- checks ---------------------------------------------------------------------------------
+    def check(self, leaves: Sequence[LeafPlan]) -> None:
+        """Every tensor the leaves need exists with the right dtype and shape, and every stored
+        tensor has a place. Raises CheckpointError naming the first offending tensor."""
+        self._groups = {}
+        for leaf in leaves:
+            if leaf.leaf == "weight_scale":
+                sibling = next(x for x in leaves if x.path == (*leaf.module, "weight_q"))
+                self._groups[leaf.module] = sibling.layer_shape[-1] // leaf.layer_shape[-1]
+        expected: set[str] = set()
+        where = self.index.index_path or self.folder
+        zero_points = [n for n in self._stored if n.endswith(("weight_zero_point", "weight_g_idx"))]
+        if zero_points:
+            raise CheckpointError(
+                f"{where}: tensor {min(zero_points)!r}: asymmetric INT4 (zero points) and "
+                "activation ordering (g_idx) are not supported"
+            )
+        for leaf in leaves:
+            for layer in leaf.layer_indices():
+                for _, _, mod in self.modules_of(leaf, layer):
+                    tensors = self.stored_tensors(mod)
+                    missing = [t for t in tensors.values() if t not in self._stored]
+                    if missing:
+                        raise CheckpointError(self._missing_message(where, missing[0], mod))
+                    if not expected.isdisjoint(tensors.values()):
+                        continue  # weight_q and weight_scale read the same module
+                    expected.update(tensors.values())
+                    self._check_module(leaf, mod, tensors)
+        extra = sorted(
+            n
+            for n in self._stored - expected
+            if not is_ignored(n) and not self._beyond_last_layer(n)
+        )
+        if extra:
+            raise CheckpointError(
+                f"{where}: tensor {extra[0]!r} has no place in a Kimi-K2 text model with this "
+                f"config.json ({len(extra)} such tensors; is config.json the checkpoint's own?)"
+            )
+
+    def _beyond_last_layer(self, name: str) -> bool:
+        """DeepSeek-V3 checkpoints carry a multi-token-prediction layer after the last one."""
+        name = name.removeprefix(self.prefix)
+        if not name.startswith("model.layers."):
+            return False
+        layer = name.split(".")[2]
+        return layer.isdigit() and int(layer) >= self.cfg.num_hidden_layers
+
+    def _missing_message(self, where, missing: str, mod: _Module) -> str:
+        base = self.stored_name(mod.name)
+        found = sorted(n for n in self._stored if n.startswith(base + "."))
+        hint = ""
+        if found:
+            hint = (
+                f"; found {found} instead: config.json's quantization_config "
+                f"({self.format.method}) does not describe how this checkpoint stores it"
+            )
+        zp = [n for n in found if n.endswith("weight_zero_point")]
+        if zp:
+            hint = f"; found {zp[0]!r}: asymmetric INT4 (zero points) is not supported"
+        return f"{where}: missing tensor {missing!r}{hint}"
+
+    def _check_module(self, leaf: LeafPlan, mod: _Module, tensors: dict[str, str]) -> None:
+        infos = {s: self.reader.info(t) for s, t in tensors.items()}
+
+        def fail(suffix, what):
+            raise CheckpointError(f"{self.folder}: tensor {tensors[suffix]!r} {what}")
+
+        def expect(suffix, shape, dtypes):
+            info = infos[suffix]
+            if list(info.shape) != list(shape):
+                fail(suffix, f"has shape {list(info.shape)}, but config.json implies {list(shape)}")
+            if info.dtype not in dtypes:
+                fail(suffix, f"has dtype {info.dtype}, expected one of {list(dtypes)}")
+
+        if mod.out_features is None:  # plain tensor: the leaf's per-entry shape
+            shape = leaf.layer_shape[1:] if leaf.experts else leaf.layer_shape
+            expect("", shape, _FLOAT_DTYPES)
+            return
+        out_f, in_f = mod.out_features, mod.in_features
+        if mod.method == NONE:
+            expect("weight", (out_f, in_f), _FLOAT_DTYPES)
+        elif mod.method == FP8:
+            expect("weight", (out_f, in_f), ("F8_E4M3",))
+            expect(
+                "weight_scale_inv",
+                fp8_scale_shape((out_f, in_f), self.format.block_size),
+                _SCALE_DTYPES,
+            )
+        else:
+            g = self.format.group_size
+            if in_f % g:
+                fail(
+                    "weight_packed",
+                    f"holds {in_f} input features, not divisible by the INT4 group size {g}",
+                )
+            if leaf.leaf in ("weight_q", "weight_scale") and self._model_group(leaf) != g:
+                raise CheckpointError(
+                    f"{self.folder}: the checkpoint's INT4 group size is {g} but the model "
+                    f"holds experts in groups of {self._model_group(leaf)} "
+                    "(compute.int4_group_size); they must agree"
+                )
+            expect("weight_packed", (out_f, in_f // 8), ("I32",))
+            expect("weight_scale", (out_f, in_f // g), _SCALE_DTYPES)
+            expect("weight_shape", (2,), ("I32", "I64"))
+
+    def _check_int4_shape(self, mod: _Module, tensors: dict[str, str]) -> None:
+        if mod.name in self._checked_int4:
+            return
+        stored = self.reader.read(tensors["weight_shape"])
+        if [int(x) for x in stored] != [mod.out_features, mod.in_features]:
+            raise CheckpointError(
+                f"{self.folder}: tensor {tensors['weight_shape']!r} says "
+                f"{[int(x) for x in stored]}, but config.json implies "
+                f"{[mod.out_features, mod.in_features]}"
+            )
+        self._checked_int4.add(mod.name)
+
+    # -- decoding -------------------------------------------------------------------------------
+    def _dense_rows(self, mod: _Module, rows: slice, dtype) -> np.ndarray:
+        """Rows of a Linear weight as a dense array of `dtype`, whatever its storage."""
+        t = self.stored_tensors(mod)
+        if mod.method == NONE:
+            return self.reader.read(t["weight"], rows).astype(dtype)
+        if mod.method == FP8:
+            b0 = self.format.block_size[0]
+            lo = rows.start // b0 * b0  # whole scale blocks, cropped after dequantisation
+            hi = min(mod.out_features, -(-rows.stop // b0) * b0)
+            w = self.reader.read(t["weight"], slice(lo, hi))
+            s = self.reader.read(t["weight_scale_inv"], slice(lo // b0, -(-hi // b0)))
+            dense = dequantize_fp8_block(
+                w, s, self.format.block_size, dtype, name=self.stored_name(mod.name)
+            )
+            return dense[rows.start - lo : rows.stop - lo]
+        codes, scales = self._int4_rows(mod, rows)
+        return dequantize_int4(codes, scales, dtype)
+
+    def _int4_rows(self, mod: _Module, rows: slice) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of a stored INT4 weight: (int8 codes [rows, in], scales [rows, in/g])."""
+        t = self.stored_tensors(mod)
+        self._check_int4_shape(mod, t)
+        packed = self.reader.read(t["weight_packed"], rows)
+        codes = unpack_int4(packed, mod.in_features, name=t["weight_packed"])
+        return codes, self.reader.read(t["weight_scale"], rows)
+
+    def _codes_rows(self, mod: _Module, rows: slice, which: str, group: int) -> np.ndarray:
+        """weight_q (int8 codes) or weight_scale rows of a Linear weight, quantising a dense or
+        FP8 one with compressed-tensors' rule."""
+        if mod.method == INT4:
+            if which == "weight_scale":
+                t = self.stored_tensors(mod)
+                self._check_int4_shape(mod, t)
+                return self.reader.read(t["weight_scale"], rows)
+            return self._int4_rows(mod, rows)[0]
+        source_dtype = np.float32 if mod.method == FP8 else None
+        t = self.stored_tensors(mod)
+        if source_dtype is None:  # quantise in the stored dtype, as compressed-tensors does
+            w = self.reader.read(t["weight"], rows)
+        else:
+            w = self._dense_rows(mod, rows, source_dtype)
+        codes, scales = quantize_host(w, group)
+        return codes if which == "weight_q" else scales
+
+    def _fill(self, out: np.ndarray, leaf: LeafPlan, layer, expert, index) -> None:
+        """out[...] = leaf[layer, expert][index], for one (layer, expert) entry (index over its
+        own dims); written in place so a device's slice is assembled without extra copies."""
+        if not leaf.linear:
+            mod = self._module(leaf, layer, expert, None)
+            name = self.stored_tensors(mod)[""]
+            arr = self.reader.read(name, index[0] if index else None)
+            out[...] = arr[(slice(None), *index[1:])] if index else arr
+            return
+        rows, cols = index[-2], index[-1]
+        fused = leaf.module[-1] == "gate_up_proj"
+        height = leaf.layer_shape[-2] // 2 if fused else leaf.layer_shape[-2]
+        for part in (0, 1) if fused else (None,):
+            row0 = (part or 0) * height
+            lo, hi = max(rows.start, row0), min(rows.stop, row0 + height)
             if lo >= hi:
                 continue
-            arr = read(src)
-            block = arr[(slice(lo - row0, hi - row0), *rest[1:])]
-            out[(*local, slice(lo - r.start, hi - r.start))] = block
-            filled[(*local, src.slot.part)] = True
-        else:
-            arr = read(src)
-            out[local] = arr[rest] if rest else arr
-            filled[local] = True
-    if not filled.all():
-        raise CheckpointError(
-            f"missing tensors for {sources[0].slot.module if sources else '?'} "
-            f"(index {index}): the checkpoint does not cover every layer/expert"
+            mod = self._module(leaf, layer, expert, part)
+            local = slice(lo - row0, hi - row0)
+            if leaf.leaf == "weight":
+                block = self._dense_rows(mod, local, leaf.dtype)
+            else:
+                block = self._codes_rows(mod, local, leaf.leaf, self._model_group(leaf))
+            out[lo - rows.start : hi - rows.start] = block[:, cols]
+
+    def read_slice(self, leaf: LeafPlan, layer: int | None, index: tuple[slice, ...]) -> np.ndarray:
+        """One device's slice `index` of one layer of a leaf, as a host array of the leaf dtype."""
+        index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, leaf.layer_shape))
+        out = np.empty(tuple(s.stop - s.start for s in index), leaf.dtype)
+        if not leaf.experts:
+            self._fill(out, leaf, layer, None, index)
+            return out
+        experts, rest = index[0], index[1:]
+        for j, e in enumerate(range(experts.start, experts.stop)):
+            self._fill(out[j], leaf, layer, e, rest)
+        return out
+
+    def source_stats(self, piece: Piece) -> tuple[int, int]:
+        """(bytes, tensors) of the stored data a piece reads: bytes in proportion to its rows,
+        each tensor counted in the piece that reads its first row (for progress and speed)."""
+        leaf = piece.leaf
+        nbytes = count = 0.0
+        fused = leaf.module[-1] == "gate_up_proj"
+        for _, part, mod in self.modules_of(leaf, piece.layer):
+            tensors = self.stored_tensors(mod)
+            if mod.method == INT4 and leaf.leaf == "weight_scale":
+                tensors = {"weight_scale": tensors["weight_scale"]}
+            elif mod.method == INT4 and leaf.leaf == "weight_q":
+                tensors = {k: v for k, v in tensors.items() if k != "weight_scale"}
+            size = sum(self.reader.info(t).nbytes for t in tensors.values())
+            if piece.rows is None:
+                nbytes, count = nbytes + size, count + len(tensors)
+                continue
+            height = leaf.layer_shape[1] // 2 if fused else leaf.layer_shape[1]
+            lo = (part or 0) * height
+            r0, r1 = piece.rows
+            nbytes += size * max(0, min(r1, lo + height) - max(r0, lo)) / height
+            count += len(tensors) if r0 <= lo < r1 else 0
+        return round(nbytes), int(count)
+
+    # -- placement ------------------------------------------------------------------------------
+    def build_piece(self, piece: Piece) -> jax.Array:
+        """One piece as a jax.Array with the sharding of its layer (see `build_array`)."""
+        return build_array(
+            piece.shape,
+            piece.sharding,
+            lambda index: self.read_slice(piece.leaf, piece.layer, piece.layer_index(index)),
         )
-    return out
+
+    def plan(self, abstract_params, shardings=None) -> list[LeafPlan]:
+        """LeafPlans for the params tree, checked against the checkpoint."""
+        leaves = plan_leaves(abstract_params, shardings)
+        self.check(leaves)
+        return leaves
+
+    def load(
+        self,
+        abstract_params,
+        shardings=None,
+        *,
+        progress: bool | None = None,
+        max_piece_bytes: int = DEFAULT_PIECE_BYTES,
+    ):
+        """The params tree, every leaf created with its final sharding (default: one device)."""
+        leaves = self.plan(abstract_params, shardings)
+        pieces = {leaf.name: leaf.split(max_piece_bytes) for leaf in leaves}
+        total = sum(self.source_stats(p)[0] for ps in pieces.values() for p in ps)
+        with _progress(total, f"loading {self.folder.name}", progress) as bar:
+
+            def build(piece):
+                arr = self.build_piece(piece)
+                bar.update(self.source_stats(piece)[0])
+                return arr
+
+            arrays = [assemble_leaf(leaf, pieces[leaf.name], build) for leaf in leaves]
+        treedef = jax.tree.structure(nn.unbox(abstract_params))
+        return jax.tree.unflatten(treedef, arrays)
 
 
 def load_params(
-    folder: str | Path,
+    folder: str | os.PathLike,
     cfg: ModelConfig,
     abstract_params,
     *,
     shardings=None,
-    reader=None,
+    progress: bool | None = None,
+    max_piece_bytes: int = DEFAULT_PIECE_BYTES,
 ) -> dict:
     """Loads the "params" collection described by `abstract_params` (boxed or plain
-    ShapeDtypeStructs, as from `jax.eval_shape(init_variables(...))["params"]`).
-
-    `shardings` is a matching tree of jax.sharding.Sharding (default: the first device).
-    """
-    folder = Path(folder)
-    reader = reader or _SafetensorsShim(folder)
-    plan = plan_sources(reader, cfg)
-    abstract = nn.unbox(abstract_params)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-    flat_shardings = (
-        jax.tree.leaves(shardings)
-        if shardings is not None
-        else [jax.sharding.SingleDeviceSharding(jax.devices()[0])] * len(flat)
-    )
-    used: set[tuple[str, ...]] = set()
-    leaves = []
-    for (path, spec), sharding in zip(flat, flat_shardings):
-        keys = tuple(p.key for p in path)
-        module, leaf = keys[:-1], keys[-1]
-        dtype = _to_numpy_dtype(spec.dtype)
-        stacked_dims = (1 if module[0] in ("dense_layers", "moe_layers") else 0) + (
-            1 if "experts" in module else 0
+    ShapeDtypeStructs, as from `jax.eval_shape(init_variables(...))["params"]`) from a Hugging
+    Face checkpoint folder. `shardings`: a matching tree of NamedShardings (default: the first
+    local device). `progress`: a tqdm bar (None: only on a terminal). `max_piece_bytes`: the
+    most built in one go (bounds the transient memory beside the params)."""
+    with HFCheckpoint(folder, cfg) as ckpt:
+        return ckpt.load(
+            abstract_params, shardings, progress=progress, max_piece_bytes=max_piece_bytes
         )
-        part_rows = spec.shape[stacked_dims] // 2 if module[-1] == "gate_up_proj" else None
-        if leaf in ("weight_q", "weight_scale"):
-            sources = plan.get((*module, "weight"), [])
-            used.add((*module, "weight"))
-            which = 0 if leaf == "weight_q" else 1
-            group = spec.shape[-1] if leaf == "weight_q" else None
-
-            def read(src, which=which, dtype=dtype, group=group, module=module):
-                w = reader.read(src.hf_name)
-                g = _int4_group(abstract, module)
-                q = quantize_int4(np.asarray(w, np.float32), g, scale_dtype=jnp.bfloat16)
-                return np.asarray((q.values, q.scales)[which]).astype(dtype)
-
-        else:
-            sources = plan.get((*module, leaf), [])
-            used.add((*module, leaf))
-
-            def read(src, dtype=dtype):
-                return np.asarray(reader.read(src.hf_name)).astype(dtype)
-
-        if not sources:
-            raise CheckpointError(
-                f"{folder}: no tensor for parameter {'/'.join(keys)} "
-                f"(expected HF tensors like {_example_name(module, leaf, cfg)})"
-            )
-        _check_source_shapes(reader, sources, spec.shape, stacked_dims, part_rows, leaf)
-
-        def callback(
-            index, sources=sources, read=read, spec=spec, dtype=dtype, sd=stacked_dims, pr=part_rows
-        ):
-            return _assemble(spec.shape, index, sources, read, dtype, sd, pr)
-
-        leaves.append(jax.make_array_from_callback(spec.shape, sharding, callback))
-    unused = set(plan) - used
-    if unused:
-        names = sorted(plan[k][0].hf_name for k in unused)[:5]
-        raise CheckpointError(f"{folder}: tensors with no place in the model: {names}")
-    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _int4_group(abstract, module) -> int:
-    node = abstract
-    for k in module:
-        node = node[k]
-    return node["weight_q"].shape[-1] // node["weight_scale"].shape[-1]
+# ---------------------------------------------------------------------------------------------
+# Host → devices, one slice at a time
 
 
-def _example_name(module, leaf, cfg) -> str:
-    from k2jax.conversion.hf_names import slot_to_hf
+def build_array(shape, sharding, read: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array:
+    """A jax.Array of `shape` with `sharding`, each addressable device's slice from read(index).
 
-    layer = 0 if module[0] in ("dense_layers", "moe_layers") else None
-    expert = 0 if "experts" in module else None
-    part = 0 if module[-1] == "gate_up_proj" else None
-    suffix = "weight" if leaf.startswith("weight") else leaf
+    Devices holding the same slice (replicas) share one read. The host copy of a slice is
+    dropped as soon as it is on its devices, so the host holds one slice at a time.
+    """
+    by_index: dict[tuple, list] = {}
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        key = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+        by_index.setdefault(tuple((s.start, s.stop) for s in key), []).append(device)
+    arrays = []
+    for bounds, devices in by_index.items():
+        host = read(tuple(slice(a, b) for a, b in bounds))
+        for device in devices:
+            arrays.append(jax.device_put(host, device))
+        jax.block_until_ready(arrays[-len(devices) :])  # host copy no longer needed
+        del host
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def assemble_leaf(leaf: LeafPlan, pieces: Sequence[Piece], build) -> jax.Array:
+    """The whole leaf from build(piece) arrays: a leaf in one piece is that piece; otherwise the
+    pieces are written one by one into a donated, sharded buffer (device memory: the leaf plus
+    one piece)."""
+    if len(pieces) == 1 and pieces[0].shape == leaf.shape:
+        return build(pieces[0])
+    buf = jnp.zeros(leaf.shape, leaf.dtype, device=leaf.sharding)
+    for piece in pieces:
+        buf = piece_setter(leaf)(buf, build(piece), piece.starts())
+    return buf
+
+
+def piece_setter(leaf: LeafPlan):
+    """jit(buf, piece, starts) → buf with the piece written at `starts`, buf donated."""
+    return _piece_setter(leaf.sharding, leaf.layers is not None)
+
+
+@functools.lru_cache(maxsize=256)
+def _piece_setter(sharding, stacked: bool):
+    def set_piece(buf, piece, starts):
+        if stacked:
+            piece = piece[None]
+        return jax.lax.dynamic_update_slice(buf, piece, starts)
+
+    return jax.jit(set_piece, donate_argnums=0, out_shardings=sharding)
+
+
+_quantize_int4 = jax.jit(quantize_int4, static_argnums=(1, 2))
+
+
+def quantize_host(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 codes, bf16 scales) of a dense weight by k2jax.quant.quantize_int4 (compressed-
+    tensors' rule, in w's dtype), computed on the host's CPU device."""
+    cpu = jax.local_devices(backend="cpu")[0]
+    with jax.default_device(cpu):
+        q = _quantize_int4(jnp.asarray(w), group, jnp.bfloat16)
+        return np.asarray(q.values).astype(np.int8), np.asarray(q.scales)
+
+
+@contextlib.contextmanager
+def _progress(total: int, desc: str, enabled: bool | None):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=None if enabled is None else not enabled,
+    )
     try:
-        return slot_to_hf(ParamSlot(module, suffix, layer, expert, part), cfg)
-    except Exception:
-        return "/".join(module)
+        yield bar
+    finally:
+        bar.close()
 
 
-def _check_source_shapes(reader, sources, leaf_shape, stacked_dims, part_rows, leaf):
-    """Each HF tensor must have the per-entry shape the config implies."""
-    if leaf == "weight_scale":
-        return  # the same HF tensors are checked for the sibling weight_q leaf
-    want = list(leaf_shape[stacked_dims:])
-    if part_rows:
-        want[0] = part_rows
-    for src in sources:
-        shape = _shape_of(reader, src.hf_name)
-        if list(shape) != want:
-            raise CheckpointError(
-                f"tensor {src.hf_name!r} has shape {list(shape)}, but the config implies {want}"
-            )
-
-
-def _shape_of(reader, name) -> tuple[int, ...]:
-    info = getattr(reader, "info", None)
-    if info is not None:
-        return tuple(info(name)[1])
-    return tuple(reader.read(name).shape)
+_ = ml_dtypes  # bf16 / int4 numpy dtypes must be registered before arrays are allocated

@@ -69,10 +69,15 @@ def quantize_int4(w, group_size: int = 32, scale_dtype=jnp.bfloat16) -> Int4Weig
     """Quantises a dense weight [..., N, K] with compressed-tensors' symmetric min-max rule.
 
     scale = max|w| over the group / 7.5 (compressed-tensors `calculate_qparams`: bit range 15 / 2),
-    q = clamp(round(w / scale), −8, 7). Used for merging LoRA back into an INT4 checkpoint and for
-    making test checkpoints; numpy or jax arrays in, jax arrays out.
+    q = clamp(round(w / scale), −8, 7), the quotient rounded to w's dtype first (a bf16 weight is
+    divided in bf16, as compressed-tensors does). Used for merging LoRA back into an INT4
+    checkpoint and for making test checkpoints; numpy or jax arrays in, jax arrays out.
     """
-    w = jnp.asarray(w, jnp.float32)
+    w = jnp.asarray(w)
+    # compressed-tensors divides in the weight's own dtype: a bf16 quotient is rounded to bf16
+    # before it is rounded to an integer, which decides near-ties differently from float32.
+    w_dtype = w.dtype if jnp.issubdtype(w.dtype, jnp.floating) else jnp.float32
+    w = w.astype(jnp.float32)
     *lead, n, k = w.shape
     if k % group_size:
         raise ValueError(f"in_features {k} is not divisible by the INT4 group size {group_size}")
@@ -82,7 +87,8 @@ def quantize_int4(w, group_size: int = 32, scale_dtype=jnp.bfloat16) -> Int4Weig
     # Divide by the scale as stored (rounded to its dtype), as compressed-tensors does.
     s32 = scale.astype(jnp.float32)
     safe = jnp.where(s32 == 0, 1.0, s32)
-    q = jnp.clip(jnp.round(wg / safe[..., None]), INT4_MIN, INT4_MAX)
+    quotient = (wg / safe[..., None]).astype(w_dtype).astype(jnp.float32)
+    q = jnp.clip(jnp.round(quotient), INT4_MIN, INT4_MAX)
     return Int4Weight(values=q.reshape(*lead, n, k).astype(jnp.int4), scales=scale)
 
 
