@@ -19,6 +19,27 @@ So the rescaling is kept as three per-head factors in a separate "qk_clip" colle
 ([3, H]: q_nope, q_rope, k_nope; all ones at the start), applied to the effective (base + LoRA)
 projections here. This is exactly MuonClip's rescaling of the merged weights; it is not trained, and
 `k2jax merge` folds it into q_b_proj / kv_b_proj rows.
+
+Decoding with a compressed cache. When the "cache" collection holds `c_kv` [B, S, Rkv] (the
+*normalised* latent) and `k_rope` [B, S, Dr] (the shared rotary key, rotated), the layer writes its
+new tokens into the cache at their positions and attends over the cache instead of over its own
+tokens: (Rkv + Dr) numbers per token and layer (576 for Kimi-K2) instead of H·(Dn + Dr + Dv)
+(20,480 for per-head keys and values) — a 35× smaller cache. Keys and values are never
+expanded; W_kvb is absorbed into the query and the output ("weight absorption", DeepSeek-V2 §2.1.2):
+
+    q_nope·k_nope(s) = q_nope·(W_kᵀ c_s) = (W_k q_nope)·c_s      per head, W_k = kv_b rows [Dn, Rkv]
+    Σ_s p_s v(s)     = W_v Σ_s p_s c_s                             W_v = kv_b rows [Dv, Rkv]
+
+so the scores are q_lat·c_s with q_lat = W_kᵀ q_nope ∈ R^Rkv per head, and the output is
+W_v (Σ p c). Per decoded token this reads the cache once (B·S·(Rkv + Dr)) and costs
+B·H·S·(Rkv + Dr) multiply-adds; the non-absorbed form would first expand the whole cache through
+W_kvb (B·S·H·(Dn + Dv)·Rkv per step), which is what absorption avoids. LoRA on kv_b_proj
+(W + s·B·A) is absorbed the same way without forming W + s·B·A: q_lat = W_kᵀq + s·Aᵀ(B_kᵀq) and
+out = W_v o + s·B_v(A o), where A [r, Rkv] is shared by all heads and B splits into per-head
+rows like W. The QK-clip factor of k_nope multiplies q_lat (a per-head scalar commutes with the
+contraction); those of q_nope/q_rope act on the query as in training. Prefill runs the same path
+with T prompt tokens (one code path; at prefill the absorbed form costs Rkv/Dn = 4× the
+expanded form's score FLOPs, negligible next to the MLPs for chat-length prompts).
 """
 
 from __future__ import annotations
@@ -30,10 +51,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from k2jax.config import ModelConfig
 from k2jax.lora import LoraConfig
-from k2jax.model.layers import Linear, RMSNorm
-from k2jax.model.options import ComputeConfig
+from k2jax.model.layers import Linear, RMSNorm, module_path
+from k2jax.model.options import ComputeConfig, accum_dtype
 from k2jax.model.rope import apply_rope, rope_cos_sin, rope_parameters
-from k2jax.ops.attention import attention
+from k2jax.ops.attention import attention, attention_mask
 
 
 class MLA(nn.Module):
@@ -56,6 +77,12 @@ class MLA(nn.Module):
         a = Linear(c.kv_lora_rank + Dr, ("kv_a", "embed"), name="kv_a_proj_with_mqa", **kw)(x_BTD)
         c_kv, k_rope = a[..., : c.kv_lora_rank], a[..., c.kv_lora_rank :]
         c_kv = RMSNorm(c.latent_eps, self.compute, "kv_lora", name="kv_a_layernorm")(c_kv)
+        if self.has_variable("cache", "c_kv"):
+            out, max_logit_H = self._cached_attention(q_nope, q_rope, c_kv, k_rope, positions_BT)
+            out = Linear(c.hidden_size, ("embed", "heads"), name="o_proj", **kw)(
+                out.reshape(B, T, H * Dv)
+            )
+            return out, max_logit_H
         kv = Linear(H * (Dn + Dv), ("heads", "kv_lora"), name="kv_b_proj", **kw)(c_kv)
         kv = kv.reshape(B, T, H, Dn + Dv)
         k_nope, v = kv[..., :Dn], kv[..., Dn:]
@@ -94,3 +121,89 @@ class MLA(nn.Module):
             out.reshape(B, T, H * Dv)
         )
         return checkpoint_name(out, "attn_out"), max_logit_H
+
+    def _cached_attention(self, q_nope, q_rope, c_kv_BTC, k_rope_BTR, positions_BT):
+        """Writes this step's latent and rotary key into the cache at `positions_BT` and attends
+        over the cache in the absorbed form (module docstring). Returns ([B, T, H, Dv], max
+        logit [H])."""
+        c = self.cfg
+        B, T, H, Dn = q_nope.shape
+        Dv, C = c.v_head_dim, c.kv_lora_rank
+        dtype = q_nope.dtype
+        f32 = accum_dtype(dtype)
+
+        if self.has_variable("qk_clip", "scales"):
+            s_qn, s_qr, s_kn = self.get_variable("qk_clip", "scales")
+        else:
+            s_qn = s_qr = s_kn = None
+        if s_qn is not None:
+            q_nope = q_nope * s_qn[:, None].astype(dtype)
+            q_rope = q_rope * s_qr[:, None].astype(dtype)
+
+        inv_freq, attention_factor = rope_parameters(c)
+        cos, sin = rope_cos_sin(positions_BT, inv_freq, attention_factor, q_rope.dtype)
+        q_rope = apply_rope(q_rope, cos, sin)
+        k_rope_BTR = apply_rope(k_rope_BTR, cos, sin)
+
+        # Write the new tokens. Row b's token t goes to slot positions[b, t]: rows may sit at
+        # different lengths, and a right-padded prefill writes padding only past a row's end,
+        # where the row's next real token overwrites it before any query can see it.
+        cache_c = self.variable("cache", "c_kv", lambda: None)
+        cache_r = self.variable("cache", "k_rope", lambda: None)
+        rows = jnp.arange(B)[:, None]
+        cache_c.value = cache_c.value.at[rows, positions_BT].set(
+            c_kv_BTC.astype(cache_c.value.dtype)
+        )
+        cache_r.value = cache_r.value.at[rows, positions_BT].set(
+            k_rope_BTR.astype(cache_r.value.dtype)
+        )
+        c_BSC = cache_c.value.astype(dtype)
+        r_BSR = cache_r.value.astype(dtype)
+
+        # kv_b_proj [H·(Dn + Dv), C] split per head into the key part W_k and the value part W_v.
+        w = self.variables["params"]["kv_b_proj"]["weight"].astype(dtype).reshape(H, Dn + Dv, C)
+        w_k, w_v = w[:, :Dn], w[:, Dn:]
+        q_lat = jnp.einsum("bthd,hdc->bthc", q_nope, w_k, preferred_element_type=f32)
+        lora = self._kv_b_lora()
+        if lora is not None:
+            a_RC, b_HDR, scale = lora
+            t = jnp.einsum("bthd,hdr->bthr", q_nope, b_HDR[:, :Dn].astype(dtype))
+            q_lat += scale * jnp.einsum(
+                "bthr,rc->bthc", t, a_RC.astype(dtype), preferred_element_type=f32
+            )
+        if s_kn is not None:
+            q_lat = q_lat * s_kn[:, None].astype(f32)
+        q_lat = q_lat.astype(dtype)
+
+        logits = jnp.einsum("bthc,bsc->bhts", q_lat, c_BSC, preferred_element_type=f32)
+        logits += jnp.einsum("bthr,bsr->bhts", q_rope, r_BSR, preferred_element_type=f32)
+        logits = logits * c.softmax_scale
+        ones_q = jnp.ones((B, T), jnp.int32)
+        ones_k = jnp.ones((B, c_BSC.shape[1]), jnp.int32)
+        visible = attention_mask(ones_q, ones_k, positions_BT)
+        logits = jnp.where(visible, logits, jnp.finfo(f32).min)
+        max_logit_H = jnp.max(logits, axis=(0, 2, 3))
+        probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+
+        o_lat = jnp.einsum("bhts,bsc->bthc", probs, c_BSC, preferred_element_type=f32).astype(dtype)
+        out = jnp.einsum("bthc,hvc->bthv", o_lat, w_v, preferred_element_type=f32)
+        if lora is not None:
+            a_RC, b_HDR, scale = lora
+            t = jnp.einsum("bthc,rc->bthr", o_lat, a_RC.astype(dtype)) * scale
+            out += jnp.einsum(
+                "bthr,hvr->bthv",
+                t.astype(dtype),
+                b_HDR[:, Dn:].astype(dtype),
+                preferred_element_type=f32,
+            )
+        return out.astype(dtype), max_logit_H
+
+    def _kv_b_lora(self):
+        """(A [r, Rkv], B per head [H, Dn + Dv, r], scale) of kv_b_proj's adapter, or None."""
+        if self.lora is None or not self.lora.applies_to(f"{module_path(self)}.kv_b_proj"):
+            return None
+        lora = self.variables.get("lora", {}).get("kv_b_proj")
+        if lora is None:
+            return None
+        H, r = self.cfg.num_attention_heads, lora["lora_A"].shape[0]
+        return lora["lora_A"], lora["lora_B"].reshape(H, -1, r), self.lora.scale

@@ -11,6 +11,12 @@ activation memory is one layer's worth plus the scan carries.
 
 Inputs are packed rows: `segment_ids` (1, 2, ... per example; 0 for padding) keep examples from
 seeing each other, and `positions` restart at 0 for each example (RoPE).
+
+Decoding: `init_cache` builds the "cache" collection — per stacked layer the MLA compressed cache
+(normalised latent c_kv and rotated shared key k_rope, see k2jax.model.mla) — and
+`Transformer.decode` runs tokens at given positions through the same layers with that collection
+mutable, so prefill and each one-token step are ordinary `apply` calls (k2jax.generate drives them).
+Without a "cache" collection nothing changes: the training path never sees it.
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ def _stack(cfg, compute, lora, *, moe: bool, length: int, name: str):
         layer = nn.remat(layer, policy=policy, prevent_cse=False)
     scanned = nn.scan(
         layer,
-        variable_axes={"params": 0, "lora": 0, "qk_clip": 0},
+        variable_axes={"params": 0, "lora": 0, "qk_clip": 0, "cache": 0},
         split_rngs={"params": True, "lora": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast),
         length=length,
@@ -141,6 +147,20 @@ class Transformer(nn.Module):
         f32 = jnp.promote_types(h.dtype, jnp.float32)
         return jnp.einsum("btd,vd->btv", h, w.astype(h.dtype), preferred_element_type=f32)
 
+    def decode(self, tokens_BT, positions_BT, last_B=None):
+        """Logits of tokens run through the KV cache (apply with a "cache" collection, mutable).
+
+        Every token t of row b is written to cache slot positions[b, t] and attends to slots
+        ≤ positions[b, t]. Returns float32 logits [B, T, V], or [B, V] at index last_B[b] of
+        each row when `last_B` is given (a prefill needs only each prompt's last logits).
+        """
+        h, _ = self(tokens_BT, positions_BT, None)
+        if last_B is not None:
+            h = h[jnp.arange(h.shape[0]), last_B]
+        w = self.head_weight()
+        f32 = jnp.promote_types(h.dtype, jnp.float32)
+        return jnp.einsum("...d,vd->...v", h, w.astype(h.dtype), preferred_element_type=f32)
+
     def loss(
         self,
         tokens_BT,
@@ -176,3 +196,23 @@ def init_variables(model: Transformer, rng: jax.Array, *, seq_len: int = 8, lora
         rngs["lora"] = lora_rng
     # jit: un-jitted init of a scanned model runs op by op and is many times slower.
     return jax.jit(lambda r: model.init(r, tokens, method=Transformer.logits))(rngs)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:
+    """An empty "cache" collection for `Transformer.decode`: per stack of layers
+    {"self_attn": {"c_kv": [L, B, S, Rkv], "k_rope": [L, B, S, Dr]}} with S = max_len slots."""
+
+    def stack(n):
+        return {
+            "self_attn": {
+                "c_kv": jnp.zeros((n, batch, max_len, cfg.kv_lora_rank), dtype),
+                "k_rope": jnp.zeros((n, batch, max_len, cfg.qk_rope_head_dim), dtype),
+            }
+        }
+
+    cache = {}
+    if cfg.num_dense_layers:
+        cache["dense_layers"] = stack(cfg.num_dense_layers)
+    if cfg.num_moe_layers:
+        cache["moe_layers"] = stack(cfg.num_moe_layers)
+    return cache

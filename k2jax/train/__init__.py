@@ -1,0 +1,44 @@
+"""k2jax.train: LoRA training over a frozen bf16 or INT4 base — the loop, its state, checkpoints.
+
+* `Trainer` (trainer.py) — `Trainer.from_config(files, overrides).fit()`: set-up, the loop,
+  metrics, evaluation, checkpoints, exact resume. `k2jax train` is a thin wrapper (cli.py).
+* `RunConfig` (config.py) — the run's sections (model, compute, mesh, lora, optim, schedule, data,
+  train, eval, checkpoint, log), read from gin-syntax files.
+* `Program` (step.py) — the compiled train/eval steps and every sharding, cached per setup.
+* `Checkpointer` (checkpoint.py) — Orbax: async, keep-last-N, atomic, restorable on any mesh.
+* `load_run` (run.py) — a run folder's configs, LoRA, QK-clip factors, trained base leaves.
+* `tensorboard` — a dependency-free TensorBoard scalar writer.
+
+Names load lazily (as in the top-level package), so `k2jax train --help` — which imports
+k2jax.train.cli — does not import jax.
+"""
+
+import importlib
+
+_LAZY = {
+    "Trainer": "trainer",
+    "NonFiniteError": "trainer",
+    "DEMO_DATA": "trainer",
+    "RunConfig": "config",
+    "ModelSource": "config",
+    "MeshConfig": "config",
+    "TrainConfig": "config",
+    "EvalConfig": "config",
+    "CheckpointConfig": "config",
+    "LogConfig": "config",
+    "Program": "step",
+    "StepSpec": "step",
+    "build_program": "step",
+    "Checkpointer": "checkpoint",
+    "CheckpointError": "checkpoint",
+    "Run": "run",
+    "load_run": "run",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"k2jax.train.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'k2jax.train' has no attribute {name!r}")

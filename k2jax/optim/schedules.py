@@ -1,0 +1,115 @@
+"""Learning-rate schedules: linear warmup, then constant, cosine, or warmup-stable-decay (WSD).
+
+    constant  lr(c) = peak after warmup
+    cosine    cosine from peak down to final_fraction · peak over the steps after warmup
+    wsd       peak until the last `decay_fraction` of the steps, then down to final_fraction · peak
+              (K2's own pre-training recipe is WSD, K2_FACTS §5.1; for short fine-tunes cosine is
+              the common choice)
+
+`c` is the optimizer's update count (optax evaluates the schedule at the count *before* the
+update, starting at 0). Warmup is linear and reaches `peak · (c + 1) / warmup_steps`, so the first
+update already moves the weights (optax.linear_schedule starts at exactly 0, which wastes the first
+step: with LoRA's B = 0 that step would change nothing at all).
+
+The schedule is a pure function of the count, so resuming from a checkpoint (which holds the
+optimizer's count) continues it exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import jax.numpy as jnp
+
+from k2jax.config import ConfigError, check_field_types
+
+SCHEDULES = ("constant", "cosine", "wsd")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """The `schedule` section of a run config (the peak is `optim.learning_rate`).
+
+    name: constant | cosine | wsd.
+    warmup_steps: linear warmup length (0 = none).
+    decay_steps: steps of the decay phase for cosine (None: all steps after warmup); for wsd the
+      decay length is `decay_fraction` of the total steps.
+    final_fraction: the lr at the end of the decay, as a fraction of the peak.
+    decay_fraction: wsd only: the final share of the steps spent decaying.
+    decay_shape: wsd only: linear, cosine or sqrt (1 − √progress, the "1-sqrt" cooldown).
+    """
+
+    name: Literal["constant", "cosine", "wsd"] = "cosine"
+    warmup_steps: int = 0
+    decay_steps: int | None = None
+    final_fraction: float = 0.1
+    decay_fraction: float = 0.2
+    decay_shape: Literal["linear", "cosine", "sqrt"] = "linear"
+
+    def __post_init__(self):
+        check_field_types(self, "schedule")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise ConfigError(f"schedule.decay_steps must be >= 1 or None, got {self.decay_steps}")
+        if not 0.0 <= self.final_fraction <= 1.0:
+            raise ConfigError(
+                f"schedule.final_fraction must be in [0, 1], got {self.final_fraction}"
+            )
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(
+                f"schedule.decay_fraction must be in (0, 1], got {self.decay_fraction}"
+            )
+
+
+def make_schedule(
+    config: ScheduleConfig, peak: float, total_steps: int
+) -> Callable[[jnp.ndarray], jnp.ndarray]:
+    """count → learning rate (float32), for `total_steps` optimizer updates."""
+    if total_steps < 1:
+        raise ConfigError(f"the schedule needs at least one step, got {total_steps}")
+    warmup = config.warmup_steps
+    if warmup >= total_steps and config.name != "constant":
+        raise ConfigError(
+            f"schedule.warmup_steps ({warmup}) must be smaller than the number of steps "
+            f"({total_steps}) for a decaying schedule"
+        )
+    final = peak * config.final_fraction
+
+    def warm(c):
+        return peak * jnp.minimum(1.0, (c + 1.0) / max(warmup, 1))
+
+    if config.name == "constant":
+        return lambda count: jnp.where(count < warmup, warm(count), peak).astype(jnp.float32)
+
+    if config.name == "cosine":
+        decay = config.decay_steps or (total_steps - warmup)
+
+        def cosine(count):
+            p = jnp.clip((count - warmup) / decay, 0.0, 1.0)
+            lr = final + (peak - final) * 0.5 * (1.0 + jnp.cos(math.pi * p))
+            return jnp.where(count < warmup, warm(count), lr).astype(jnp.float32)
+
+        return cosine
+
+    # wsd: warmup, stable at the peak, then the last decay_fraction of the steps decays
+    decay = max(1, round(total_steps * config.decay_fraction))
+    start = max(warmup, total_steps - decay)
+    decay = max(1, total_steps - start)
+    shape = config.decay_shape
+
+    def wsd(count):
+        p = jnp.clip((count - start + 1.0) / decay, 0.0, 1.0)
+        if shape == "linear":
+            f = 1.0 - p
+        elif shape == "cosine":
+            f = 0.5 * (1.0 + jnp.cos(math.pi * p))
+        else:
+            f = 1.0 - jnp.sqrt(p)
+        lr = final + (peak - final) * f
+        return jnp.where(count < warmup, warm(count), lr).astype(jnp.float32)
+
+    return wsd

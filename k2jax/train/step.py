@@ -1,0 +1,448 @@
+"""The compiled training program: state init, the train step, the eval step, and their shardings.
+
+One train step (`Program.train_step(state, frozen, batch) -> (state, metrics)`):
+
+    1. the batch [M, b, T] holds M = grad_accum microbatches of b rows; a lax.scan runs each
+       through `Transformer.loss` and sums the LoRA (+ trainable base) gradients of the *summed*
+       token loss in float32, with the loss sums, the per-head max logits (max) and expert loads
+       (M = 1, the common case, skips the scan)
+    2. gradients and loss are divided once by the total number of loss tokens: the step equals
+       one big batch, whatever M is (and whatever the mesh is)
+    3. NaN/inf guard: if the loss or the gradient norm is not finite, the update is skipped
+       (lax.cond), `nonfinite.streak` counts it; the loop stops after K in a row
+    4. otherwise: optax update (clipping, Muon/AdamW), then QK-clip on the "qk_clip" factors from
+       the step's max logits (k2jax.optim.qk_clip)
+
+Compute runs in `compute.dtype` (bf16 in production) while the LoRA factors and trainable base
+weights stay float32 masters (the model casts them per matmul). Rematerialisation follows
+`compute.remat` (the scanned decoder layers are wrapped in `nn.remat`).
+
+Shardings. Everything comes from the logical-axis rules (k2jax.sharding): frozen parameters and
+LoRA factors from their declared axis names, optimizer-state leaves from the LoRA leaf they belong
+to (`state.opt_state_shardings`), the batch [M, b, T] as (None, batch, seq) — rows over
+data × expert — and scalars replicated. Steps are jitted with these as explicit in/out shardings
+and the state is donated, so the step is in-place and the layout never drifts.
+
+Programs are cached per (StepSpec, mesh): a notebook that makes a second Trainer, or a test that
+makes three, compiles once.
+
+MFU. Model FLOPs of a step, counted per non-padding token (the convention of the PaLM paper's
+"model FLOPs": no rematerialisation recompute, only useful tokens):
+
+    weights    2·N per matmul weight in the forward pass; the backward pass needs the gradient
+               w.r.t. activations (2·N) for every weight, and w.r.t. the weight (2·N) only for
+               trainable ones: 6·N_trainable + 4·N_frozen, N counted per token = all dense
+               weights (attention, dense/shared MLP, router, LM head; not the embedding lookup)
+               + K/E of the routed experts, LoRA factors likewise (x·Aᵀ, then ·Bᵀ)
+    attention  2·H·(Dqk + Dv) per visible (query, key) pair and layer forward (q·k, p·v), ×3 with
+               the backward; visible pairs counted exactly from the segment ids (causal within
+               each packed example)
+
+The usual 6·N rule would count weight gradients a frozen base never computes, and report a LoRA
+run ~1.5× better than the hardware did. MFU = model FLOPs / (step time × devices × peak FLOP/s).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from k2jax.config import ModelConfig
+from k2jax.lora import LoraConfig
+from k2jax.model import ComputeConfig, Transformer
+from k2jax.model.transformer import init_variables
+from k2jax.optim import (
+    OptimConfig,
+    ScheduleConfig,
+    expert_major,
+    make_optimizer,
+    make_schedule,
+    update_qk_clip,
+)
+from k2jax.sharding import logical_specs, spec_for, use_mesh
+from k2jax.train.state import (
+    _keys,
+    merge_params,
+    opt_state_shardings,
+    split_params,
+    trainable_predicate,
+)
+
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Everything that shapes the compiled program (hashable: programs are cached on it)."""
+
+    model: ModelConfig
+    compute: ComputeConfig
+    lora: LoraConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    total_steps: int
+    grad_accum: int = 1
+    z_loss: float = 0.0
+    train_router: bool = False
+    train_norms: bool = False
+
+    @classmethod
+    def from_run_config(cls, run, model: ModelConfig) -> StepSpec:
+        """The spec of a RunConfig (k2jax.train.config) for the architecture `model`."""
+        t = run.train
+        return cls(
+            model=model,
+            compute=run.compute,
+            lora=run.lora,
+            optim=run.optim,
+            schedule=run.schedule,
+            total_steps=t.steps,
+            grad_accum=t.grad_accum,
+            z_loss=t.z_loss,
+            train_router=t.train_router,
+            train_norms=t.train_norms,
+        )
+
+
+@functools.lru_cache(maxsize=8)
+def build_program(spec: StepSpec, mesh: Mesh) -> Program:
+    """The (cached) compiled program of `spec` on `mesh`."""
+    return Program(spec, mesh)
+
+
+class Program:
+    """Model, optimizer, abstract trees, shardings and jitted functions of one training setup."""
+
+    def __init__(self, spec: StepSpec, mesh: Mesh):
+        self.spec, self.mesh = spec, mesh
+        self.model = Transformer(spec.model, spec.compute, spec.lora)
+        self.predicate = trainable_predicate(router=spec.train_router, norms=spec.train_norms)
+        boxed = jax.eval_shape(
+            lambda: init_variables(self.model, jax.random.key(0), lora_rng=jax.random.key(0))
+        )
+        specs = logical_specs(boxed)
+        abstract = nn.unbox(boxed)
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        ns = lambda s: NamedSharding(mesh, s)  # noqa: E731
+
+        frozen_abs, tparams_abs = split_params(abstract["params"], self.predicate)
+        frozen_specs, tparams_specs = split_params(specs["params"], self.predicate)
+        if spec.train_router and "moe_layers" not in tparams_abs:
+            raise ValueError("train.train_router: this model has no MoE router")
+        f32 = lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32)  # noqa: E731
+        self.frozen_abstract = frozen_abs
+        self.frozen_shardings = jax.tree.map(ns, frozen_specs)
+        self.full_params_shardings = jax.tree.map(ns, specs["params"])
+        trainable_abs = {"lora": abstract["lora"], "params": jax.tree.map(f32, tparams_abs)}
+        trainable_sh = {
+            "lora": jax.tree.map(ns, specs["lora"]),
+            "params": jax.tree.map(ns, tparams_specs),
+        }
+        self.schedule = make_schedule(spec.schedule, spec.optim.learning_rate, spec.total_steps)
+        self.optimizer = make_optimizer(spec.optim, self.schedule, trainable_abs)
+        opt_abs = jax.eval_shape(self.optimizer.init, trainable_abs)
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        self.state_abstract = {
+            "step": scalar,
+            "trainable": trainable_abs,
+            "opt_state": opt_abs,
+            "qk_clip": abstract["qk_clip"],
+            "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
+            "nonfinite": {"streak": scalar, "total": scalar},
+        }
+        rep = self.replicated
+        self.state_shardings = {
+            "step": rep,
+            "trainable": trainable_sh,
+            # The optimizer holds its state in the expert-major view (k2jax.optim.optimizer).
+            "opt_state": opt_state_shardings(
+                opt_abs, expert_major(trainable_abs), expert_major(trainable_sh), mesh
+            ),
+            "qk_clip": jax.tree.map(ns, specs["qk_clip"]),
+            "rng": rep,
+            "nonfinite": {"streak": rep, "total": rep},
+        }
+        self.batch_sharding = ns(spec_for((None, "batch", "seq")))
+        batch_sh = dict.fromkeys(BATCH_KEYS, self.batch_sharding)
+        self._init_state = jax.jit(self._init_state_fn, out_shardings=self.state_shardings)
+        self._init_base = jax.jit(
+            self._init_base_fn,
+            static_argnums=0,
+            out_shardings=(self.frozen_shardings, trainable_sh["params"]),
+        )
+        self._train_step = jax.jit(
+            self._train_step_fn,
+            in_shardings=(self.state_shardings, self.frozen_shardings, batch_sh),
+            out_shardings=(self.state_shardings, rep),
+            donate_argnums=0,
+        )
+        self._eval_step = jax.jit(
+            self._eval_step_fn,
+            in_shardings=(self.state_shardings, self.frozen_shardings, batch_sh),
+            out_shardings=rep,
+        )
+        self.weight_flops_per_token = _weight_flops_per_token(spec, abstract, self.predicate)
+        self._compiled: dict = {}  # batch shape -> compiled train step
+
+    # Initialisation -----------------------------------------------------------------------------
+    def _init_base_fn(self, seed: int):
+        base = Transformer(self.spec.model, self.spec.compute)
+        params = nn.unbox(init_variables(base, jax.random.key(seed)))["params"]
+        frozen, tparams = split_params(params, self.predicate)
+        return frozen, jax.tree.map(lambda x: x.astype(jnp.float32), tparams)
+
+    def init_base(self, seed: int):
+        """A random base (frozen, trainable params subset) placed on the mesh."""
+        return self._init_base(seed)
+
+    def split_base(self, params):
+        """A loaded full parameter tree → (frozen, fp32 trainable subset), on the mesh."""
+        frozen, tparams = split_params(params, self.predicate)
+        tparams = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tparams)
+        trainable_sh = self.state_shardings["trainable"]["params"]
+        return (
+            jax.device_put(frozen, self.frozen_shardings),
+            jax.device_put(tparams, trainable_sh),
+        )
+
+    def _init_state_fn(self, key, trainable_params):
+        lora_key, rng = jax.random.split(key)
+        # Only the LoRA factors and QK-clip factors are outputs: XLA drops the base init.
+        v = nn.unbox(init_variables(self.model, jax.random.key(0), lora_rng=lora_key))
+        trainable = {"lora": v["lora"], "params": trainable_params}
+        zero = jnp.zeros((), jnp.int32)
+        return {
+            "step": zero,
+            "trainable": trainable,
+            "opt_state": self.optimizer.init(trainable),
+            "qk_clip": v["qk_clip"],
+            "rng": jax.random.key_data(rng),
+            "nonfinite": {"streak": zero, "total": zero},
+        }
+
+    def init_state(self, seed: int, trainable_params) -> dict:
+        """A fresh train state: LoRA A random (seeded), B zero, QK-clip factors one."""
+        return self._init_state(jax.random.key(seed), trainable_params)
+
+    # Steps --------------------------------------------------------------------------------------
+    def _apply_loss(self, trainable, qk_clip, frozen, mb, key):
+        variables = {
+            "params": merge_params(frozen, trainable["params"]),
+            "lora": trainable["lora"],
+            "qk_clip": qk_clip,
+        }
+        # Dropout only in training (a key is given); eval runs the deterministic model.
+        rngs = {"dropout": key} if key is not None and self.spec.lora.dropout > 0 else None
+        return self.model.apply(
+            variables,
+            mb["tokens"],
+            mb["targets"],
+            mb["loss_mask"],
+            mb["positions"],
+            mb["segment_ids"],
+            z_weight=self.spec.z_loss,
+            method=Transformer.loss,
+            rngs=rngs,
+        )
+
+    def _train_step_fn(self, state, frozen, batch):
+        trainable, qk = state["trainable"], state["qk_clip"]
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+        def objective(tr, mb, key):
+            sums, aux = self._apply_loss(tr, qk, frozen, mb, key)
+            return sums["loss_sum"] + sums["z_loss_sum"], (sums, aux)
+
+        grad_fn = jax.grad(objective, has_aux=True)
+
+        def micro(carry, xs):
+            mb, i = xs
+            g, (sums, aux) = grad_fn(trainable, mb, jax.random.fold_in(step_key, i))
+            acc_g, acc_s, acc_aux = carry
+            acc_aux = jax.tree_util.tree_map_with_path(
+                lambda p, a, b: jnp.maximum(a, b) if _keys(p)[-1] == "max_logit" else a + b,
+                acc_aux,
+                aux,
+            )
+            return (_add(acc_g, g), _add(acc_s, sums), acc_aux), None
+
+        M = self.spec.grad_accum
+        if M == 1:  # the common case, without the scan (and without tracing the model twice)
+            mb = jax.tree.map(lambda x: x[0], batch)
+            grads, (sums, aux) = grad_fn(trainable, mb, jax.random.fold_in(step_key, 0))
+        else:
+            first = jax.tree.map(lambda x: x[0], batch)
+            _, (sums_abs, aux_abs) = jax.eval_shape(grad_fn, trainable, first, step_key)
+            aux0 = jax.tree_util.tree_map_with_path(
+                lambda p, x: jnp.full(
+                    x.shape, -jnp.inf if _keys(p)[-1] == "max_logit" else 0, x.dtype
+                ),
+                aux_abs,
+            )
+            carry0 = (_zeros(trainable), _zeros(sums_abs), aux0)
+            (grads, sums, aux), _ = jax.lax.scan(micro, carry0, (batch, jnp.arange(M)))
+
+        count = jnp.maximum(sums["count"], 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        loss = sums["loss_sum"] / count
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(sums["z_loss_sum"])
+        tau = self.spec.optim.qk_clip_tau
+
+        def update(_):
+            updates, opt_state = self.optimizer.update(grads, state["opt_state"], trainable)
+            new = optax.apply_updates(trainable, updates)
+            if tau is None:
+                return new, opt_state, qk, jnp.zeros((), jnp.int32)
+            new_qk, clipped = update_qk_clip(qk, aux, tau)
+            return new, opt_state, new_qk, clipped
+
+        def skip(_):
+            return trainable, state["opt_state"], qk, jnp.zeros((), jnp.int32)
+
+        new_trainable, opt_state, new_qk, clipped = jax.lax.cond(finite, update, skip, None)
+        nf = state["nonfinite"]
+        applied = state["step"] - nf["total"]  # updates so far = the optimizer's count
+        streak = jnp.where(finite, 0, nf["streak"] + 1)
+        total = nf["total"] + (~finite).astype(jnp.int32)
+        new_state = {
+            "step": state["step"] + 1,
+            "trainable": new_trainable,
+            "opt_state": opt_state,
+            "qk_clip": new_qk,
+            "rng": state["rng"],
+            "nonfinite": {"streak": streak, "total": total},
+        }
+        max_logits = [a["max_logit"] for a in aux.values()]
+        loads = [a["expert_load"].sum(0) for a in aux.values() if "expert_load" in a]
+        metrics = {
+            "loss": loss,
+            "z_loss": sums["z_loss_sum"] / count,
+            "loss_tokens": sums["count"],
+            "tokens": jnp.sum(batch["segment_ids"] > 0, dtype=jnp.int32),  # all hosts' rows
+            "grad_norm": grad_norm,
+            "lr": self.schedule(applied),
+            "max_attention_logit": jnp.max(jnp.stack([m.max() for m in max_logits])),
+            "qk_clipped_heads": clipped,
+            "expert_load": loads[0] if loads else jnp.zeros((0,), jnp.float32),
+            "finite": finite,
+            "nonfinite_streak": streak,
+            "nonfinite_total": total,
+        }
+        return new_state, metrics
+
+    def _eval_step_fn(self, state, frozen, batch):
+        def micro(acc, mb):
+            sums, _ = self._apply_loss(state["trainable"], state["qk_clip"], frozen, mb, None)
+            return _add(acc, sums), None
+
+        zero = jnp.zeros((), jnp.float32)
+        init = {"loss_sum": zero, "z_loss_sum": zero, "count": zero}
+        sums, _ = jax.lax.scan(micro, init, batch)
+        return sums
+
+    def _compiled_train_step(self, state, frozen, batch):
+        shape = tuple(batch["tokens"].shape)
+        if shape not in self._compiled:
+            with use_mesh(self.mesh):
+                self._compiled[shape] = self._train_step.lower(state, frozen, batch).compile()
+        return self._compiled[shape]
+
+    def prepare(self, state, frozen, batch) -> float:
+        """Compiles the train step for this batch shape (ahead of the first step); seconds taken."""
+        t0 = time.perf_counter()
+        self._compiled_train_step(state, frozen, batch)
+        return time.perf_counter() - t0
+
+    def train_step(self, state, frozen, batch):
+        """(new state, metrics) — `state` is donated (do not use it afterwards)."""
+        return self._compiled_train_step(state, frozen, batch)(state, frozen, batch)
+
+    def eval_step(self, state, frozen, batch):
+        """Summed {"loss_sum", "z_loss_sum", "count"} of the batch with dropout off."""
+        with use_mesh(self.mesh):
+            return self._eval_step(state, frozen, batch)
+
+    # Batches ------------------------------------------------------------------------------------
+    def device_batch(self, host_batch: dict) -> dict:
+        """This host's rows {key: [rows, T]} → global arrays [M, b, T] sharded over the mesh."""
+        M = self.spec.grad_accum
+        out = {}
+        for key in BATCH_KEYS:
+            x = np.asarray(host_batch[key])
+            rows, T = x.shape
+            if rows % M:
+                raise ValueError(
+                    f"{rows} rows per host cannot be split into train.grad_accum={M} microbatches"
+                )
+            local = x.reshape(M, rows // M, T)
+            global_shape = (M, rows * jax.process_count() // M, T)
+            out[key] = jax.make_array_from_process_local_data(
+                self.batch_sharding, local, global_shape
+            )
+        return out
+
+    def step_flops(self, segment_ids: np.ndarray) -> float:
+        """Model FLOPs of one train step on a batch with these segment ids (see the docstring)."""
+        seg = np.asarray(segment_ids).reshape(-1, segment_ids.shape[-1])
+        tokens = int((seg > 0).sum())
+        pairs = 0
+        for row in seg:
+            counts = np.bincount(row[row > 0])
+            pairs += int((counts * (counts + 1) // 2).sum())
+        c = self.spec.model
+        attn = 3 * 2 * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)
+        return tokens * self.weight_flops_per_token + pairs * c.num_hidden_layers * attn
+
+
+def _add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+def _zeros(tree):
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
+
+
+def _weight_flops_per_token(spec: StepSpec, abstract, predicate) -> float:
+    """4·N_frozen + 6·N_trainable matmul weights per token (routed experts × K/E)."""
+    cfg = spec.model
+    expert_share = cfg.num_experts_per_tok / cfg.n_routed_experts
+    total = 0.0
+    for collection in ("params", "lora"):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(abstract[collection])[0]:
+            keys = _keys(path)
+            stacked = keys[0] in ("dense_layers", "moe_layers")
+            if "embed_tokens" in keys or keys[-1] == "weight_scale":
+                continue
+            if leaf.ndim - int(stacked) < 2:  # norms, biases: elementwise, not matmuls
+                continue
+            n = math.prod(leaf.shape)
+            if "experts" in keys and "shared_experts" not in keys:
+                n *= expert_share
+            trainable = collection == "lora" or predicate(keys)
+            total += n * (6 if trainable else 4)
+    return total
+
+
+# Peak dense bf16 FLOP/s per device by device kind (vendor datasheets, SXM parts); `log.peak_tflops`
+# overrides. Unknown kinds (and CPUs) report no MFU rather than a wrong one.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "B200": 2250.0}
+
+
+def peak_flops(device, override_tflops: float | None = None) -> float | None:
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    kind = getattr(device, "device_kind", "")
+    for name, tflops in PEAK_TFLOPS.items():
+        if name in kind:
+            return tflops * 1e12
+    return None
