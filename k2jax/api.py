@@ -3,6 +3,10 @@
     model = k2jax.load_model("ckpt/Kimi-K2-Thinking", mesh=k2jax.sharding.make_mesh(expert=8))
     logits = model.logits(tokens)          # [B, T] int → [B, T, vocab] float32
 
+`load_model` takes a Hugging Face folder in any of Kimi's formats (bf16, FP8, INT4 experts; K2.5's
+nested layout) or a folder written by `k2jax convert` (recognised by its k2jax_checkpoint.json),
+and places every parameter straight onto the mesh (k2jax.conversion).
+
 `K2Model` holds the config, the frozen parameters ("params"), optionally LoRA adapters ("lora"),
 and the jitted functions that use them. It is a thin convenience layer over the functional model
 (k2jax.model.Transformer), which training uses directly.
@@ -13,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -21,7 +26,6 @@ import jax.numpy as jnp
 from k2jax.config import ConfigError, ModelConfig
 from k2jax.lora import LoraConfig
 from k2jax.model import ComputeConfig, Transformer
-from k2jax.model.transformer import init_variables
 
 
 @dataclasses.dataclass
@@ -32,6 +36,7 @@ class K2Model:
     lora: dict | None = None
     lora_config: LoraConfig | None = None
     mesh: jax.sharding.Mesh | None = None
+    path: Path | None = None  # the folder it was loaded from (tokenizer, chat template)
 
     @property
     def module(self) -> Transformer:
@@ -43,10 +48,9 @@ class K2Model:
             v["lora"] = self.lora
         return v
 
-    @functools.cached_property
+    @property
     def _logits_fn(self):
-        module = self.module
-        return jax.jit(lambda v, t, p, s: module.apply(v, t, p, s, method=Transformer.logits))
+        return _logits_program(self.config, self.compute, self.lora_config if self.lora else None)
 
     def logits(self, tokens, positions=None, segment_ids=None) -> jax.Array:
         """[B, T] token ids → [B, T, vocab] float32 logits (positions/segments for packed rows)."""
@@ -55,7 +59,78 @@ class K2Model:
             raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
         if int(jnp.max(tokens)) >= self.config.vocab_size or int(jnp.min(tokens)) < 0:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
-        return self._logits_fn(self.variables(), tokens, positions, segment_ids)
+        if self.mesh is None:
+            return self._logits_fn(self.variables(), tokens, positions, segment_ids)
+        from k2jax.sharding import spec_for, use_mesh
+
+        # Rows split over data × expert when they divide evenly, else every device sees them all.
+        rows = self.mesh.shape["data"] * self.mesh.shape["expert"]
+        spec = spec_for(("batch", "seq")) if tokens.shape[0] % rows == 0 else None
+        batch = jax.sharding.NamedSharding(self.mesh, spec or jax.sharding.PartitionSpec())
+        tokens, positions, segment_ids = (
+            None if x is None else jax.device_put(jnp.asarray(x), batch)
+            for x in (tokens, positions, segment_ids)
+        )
+        with use_mesh(self.mesh):
+            return self._logits_fn(self.variables(), tokens, positions, segment_ids)
+
+    def generate(
+        self,
+        prompt,
+        max_new_tokens: int = 256,
+        *,
+        temperature: float = 0.6,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        seed: int = 0,
+        stop: Sequence[int] | None = None,
+        tokenizer=None,
+        template: str | None = None,
+        thinking: bool = True,
+        chat: bool = True,
+    ):
+        """Samples a continuation with the KV cache; returns a `k2jax.generate.Generation`
+        (`.text`, `.tokens`, `.prompt_tokens`, `.finish_reason`).
+
+        prompt: a string (one user message, rendered with the chat template; raw text with
+            chat=False), a list of OpenAI-style messages, or a list of token ids.
+        temperature 0 is greedy; top_p / min_p filter the tempered distribution (k2jax.generate).
+        Generation stops at <|im_end|> or [EOS] (or the ids in `stop`) or after max_new_tokens.
+        tokenizer: a KimiTokenizer or a folder holding one; default: the checkpoint folder.
+        template: "kimi_k2", "kimi_k2_thinking" or "kimi_k25"; default: the checkpoint's.
+        """
+        from k2jax.data.tokenizer import KimiTokenizer
+        from k2jax.generate import Sampling, generate, template_for
+
+        folder = self.path
+        if tokenizer is None and folder is not None and (Path(folder) / "tiktoken.model").exists():
+            tokenizer = folder
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = KimiTokenizer.from_dir(tokenizer)
+        if template is None:
+            template = template_for(folder) if folder is not None else "kimi_k2"
+        return generate(
+            self.module,
+            self.variables(),
+            prompt,
+            max_new_tokens=max_new_tokens,
+            sampling=Sampling(temperature=temperature, top_p=top_p, min_p=min_p),
+            seed=seed,
+            stop_ids=stop,
+            tokenizer=tokenizer,
+            template=template,
+            thinking=thinking,
+            chat=chat,
+            mesh=self.mesh,
+        )
+
+
+@functools.lru_cache(maxsize=32)
+def _logits_program(config: ModelConfig, compute: ComputeConfig, lora: LoraConfig | None):
+    """One jitted logits function per architecture, shared by every K2Model that has it (a
+    second model of the same shape does not compile again)."""
+    module = Transformer(config, compute, lora)
+    return jax.jit(lambda v, t, p, s: module.apply(v, t, p, s, method=Transformer.logits))
 
 
 def load_model(
@@ -66,30 +141,59 @@ def load_model(
     experts: str | None = None,
     compute: ComputeConfig | None = None,
     config_overrides: dict | None = None,
+    progress: bool | None = None,
 ) -> K2Model:
-    """Loads a checkpoint folder (Hugging Face layout with config.json + safetensors).
+    """Loads a checkpoint folder: Hugging Face (config.json + safetensors, bf16 / FP8 / INT4,
+    K2 or K2.5 layout) or converted by `k2jax convert` (Orbax).
 
+    mesh: place every parameter on this mesh by the sharding rules (default: the first device).
     dtype: compute and parameter dtype ("bfloat16" or "float32").
-    experts: "bf16" or "int4" (how routed experts are held; default: as stored).
+    experts: "bf16" or "int4", how routed experts are held (default: as stored — INT4 for
+        K2-Thinking / K2.5, bf16 for FP8 and bf16 checkpoints; a converted folder keeps the
+        format it was converted to).
+    compute: a full ComputeConfig instead of dtype/experts.
     config_overrides: ModelConfig fields to change after reading config.json, e.g.
         {"latent_norm_eps": 1e-6} to reproduce the reference code's latent-norm eps.
+    progress: a progress bar (default: only on a terminal).
     """
-    from k2jax.conversion.loader import load_params
+    from k2jax.conversion.loader import HFCheckpoint, abstract_params
+    from k2jax.conversion.orbax_io import is_converted, read_metadata, restore_params
 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a checkpoint folder")
     cfg = ModelConfig.from_hf_dir(path, **(config_overrides or {}))
-    if compute is None:
-        compute = ComputeConfig(dtype=dtype, param_dtype=dtype, experts=experts or "bf16")
-    elif experts is not None or dtype != "bfloat16":
-        raise ConfigError("pass either compute=... or dtype/experts, not both")
-    model = Transformer(cfg, compute)
-    abstract = jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))["params"]
-    shardings = None
-    if mesh is not None:
-        from k2jax.sharding import param_shardings
+    converted = is_converted(path)
+    hf = None
+    if converted:
+        stored_experts = read_metadata(path)["experts"]
+    else:
+        hf = HFCheckpoint(path, cfg)
+        stored_experts = hf.default_experts
+    try:
+        if compute is None:
+            compute = ComputeConfig(
+                dtype=dtype, param_dtype=dtype, experts=experts or stored_experts
+            )
+        elif experts is not None or dtype != "bfloat16":
+            raise ConfigError("pass either compute=... or dtype/experts, not both")
+        if converted and compute.experts != stored_experts:
+            raise ConfigError(
+                f"{path} was converted with experts={stored_experts!r}; load it with that (or "
+                f"convert the Hugging Face checkpoint again with --experts {compute.experts})"
+            )
+        abstract = abstract_params(cfg, compute)
+        shardings = None
+        if mesh is not None:
+            from k2jax.sharding import check_mesh_fits, param_shardings
 
-        shardings = param_shardings(abstract, mesh)
-    params = load_params(path, cfg, abstract, shardings=shardings)
-    return K2Model(cfg, compute, params, mesh=mesh)
+            check_mesh_fits(mesh, cfg)
+            shardings = param_shardings(abstract, mesh)
+        if converted:
+            params = restore_params(path, abstract, shardings, progress=progress)
+        else:
+            params = hf.load(abstract, shardings, progress=progress)
+    finally:
+        if hf is not None:
+            hf.close()
+    return K2Model(cfg, compute, params, mesh=mesh, path=path)

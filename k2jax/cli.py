@@ -13,7 +13,20 @@ import logging
 import sys
 
 # command name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("k2jax.train.cli", "LoRA-train from a run config (gin files + --set overrides)"),
+    "convert": (
+        "k2jax.conversion.convert",
+        "convert a Hugging Face Kimi checkpoint to sharded Orbax",
+    ),
+    "chat": ("k2jax.chat", "chat with a checkpoint or a fine-tune (REPL on stdin, or --prompt)"),
+    "export": ("k2jax.conversion.export_cli", "write a run's LoRA as a PEFT adapter folder"),
+    "merge": ("k2jax.conversion.merge_cli", "fold a run's LoRA into its base checkpoint"),
+    "plan": (
+        "k2jax.sharding.plan_cli",
+        "per-device memory of a LoRA run on a mesh (no GPU needed)",
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,226 @@
+"""`k2jax chat`: talk to a checkpoint, or to a fine-tune, in the terminal.
+
+    k2jax chat --model ckpt/Kimi-K2-Thinking            # the base model
+    k2jax chat --run runs/my-run                         # the run's base + its LoRA and QK-clip
+    k2jax chat --model DIR --prompt "Hello"              # one answer, no REPL (scripts, tests)
+    printf 'Hi\\nAnd then?\\n' | k2jax chat --model DIR  # turns from a pipe
+
+Each line read from stdin is a user turn; the whole conversation is rendered with the model's
+chat template (k2jax.data.chat) and answered with KV-cached sampling (k2jax.generate), the text
+printed as it is generated. `/reset` starts a new conversation, `/quit` (or end of input) exits.
+With a thinking template the reasoning is shown and kept out of the history, as the templates do.
+
+`ChatSession` is the same loop as a library object (a notebook can drive it). Nothing heavy is
+imported until `run` is called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+TEMPLATES = ("kimi_k2", "kimi_k2_thinking", "kimi_k25")
+HELP = "/reset starts a new conversation, /quit exits"
+
+
+class ChatSession:
+    """A conversation with one model: `reply(text)` answers and remembers; `reset()` forgets."""
+
+    def __init__(
+        self,
+        module,
+        variables: dict,
+        tokenizer,
+        *,
+        template: str = "kimi_k2",
+        thinking: bool = True,
+        system: str | None = None,
+        sampling=None,
+        max_new_tokens: int = 512,
+        seed: int = 0,
+    ):
+        from k2jax.generate import Sampling
+
+        self.module, self.variables, self.tokenizer = module, variables, tokenizer
+        self.template, self.thinking, self.system = template, thinking, system
+        self.sampling = sampling if sampling is not None else Sampling()
+        self.max_new_tokens, self.seed = max_new_tokens, seed
+        self.stop_ids = (tokenizer.im_end_id, tokenizer.eos_id)
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict] = []
+        if self.system:
+            self.messages.append({"role": "system", "content": self.system})
+        self.turn = 0
+
+    def reply(self, text: str, write: Callable[[str], object] | None = None) -> str:
+        """Answers `text` (streamed to `write` piece by piece) and returns the generated text."""
+        from k2jax.generate import TextStream, prompt_ids, split_reasoning, stream_tokens
+
+        messages = [*self.messages, {"role": "user", "content": text}]
+        ids = prompt_ids(messages, self.tokenizer, template=self.template, thinking=self.thinking)
+        stream = TextStream(self.tokenizer)
+        generated = []
+        for token in stream_tokens(
+            self.module,
+            self.variables,
+            ids,
+            max_new_tokens=self.max_new_tokens,
+            sampling=self.sampling,
+            seed=self.seed + self.turn,
+            stop_ids=self.stop_ids,
+        ):
+            if token in self.stop_ids:
+                break
+            generated.append(token)
+            piece = stream.push(token)
+            if write is not None and piece:
+                write(piece)
+        rest = stream.flush()
+        if write is not None and rest:
+            write(rest)
+        answer = self.tokenizer.decode(generated)
+        reasoning, content = split_reasoning(answer)
+        reply = {"role": "assistant", "content": content}
+        if reasoning:
+            reply["reasoning_content"] = reasoning
+        self.messages = [*messages, reply]
+        self.turn += 1
+        return answer
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="PATH", help="checkpoint folder (HF layout + tokenizer)")
+    src.add_argument(
+        "--run", metavar="DIR", help="a k2jax training run: its base with the trained LoRA"
+    )
+    parser.add_argument("--step", type=int, help="checkpoint step of --run (default: newest)")
+    parser.add_argument(
+        "--tokenizer", metavar="DIR", help="tokenizer folder (default: the model's)"
+    )
+    parser.add_argument(
+        "--template", choices=TEMPLATES, help="chat template (default: the model's)"
+    )
+    parser.add_argument("--no-thinking", action="store_true", help="kimi_k25's instant mode")
+    parser.add_argument("--system", help="a system prompt")
+    parser.add_argument("--prompt", help="answer this one message and exit (no REPL)")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+
+
+def _load(args) -> dict:
+    """module, variables, tokenizer folder, template and thinking for --model or --run."""
+    from k2jax.api import load_model
+    from k2jax.generate import template_for
+
+    if args.model:
+        model = load_model(args.model, dtype=args.dtype)
+        return dict(
+            module=model.module,
+            variables=model.variables(),
+            tokenizer=args.tokenizer or args.model,
+            template=args.template or template_for(args.model),
+            thinking=not args.no_thinking,
+        )
+
+    from k2jax.model import Transformer
+    from k2jax.train.run import load_run
+
+    run = load_run(args.run, args.step)
+    if run.base_path is None:
+        raise ValueError(
+            f"{args.run}: the run trained on the random preset {run.preset!r}, not a checkpoint "
+            "folder; there is no base model to chat with"
+        )
+    overrides = {}
+    if run.model_config.latent_norm_eps is not None:
+        overrides["latent_norm_eps"] = run.model_config.latent_norm_eps
+    model = load_model(run.base_path, dtype=args.dtype, config_overrides=overrides)
+    tokenizer = args.tokenizer or run.tokenizer_dir
+    if tokenizer is None:
+        raise ValueError(f"{args.run}: the run names no tokenizer; pass --tokenizer DIR")
+    return dict(
+        module=Transformer(model.config, model.compute, run.lora_config),
+        variables={
+            "params": _overlay(model.params, run.trained_params),
+            "lora": run.lora,
+            "qk_clip": run.qk_clip,
+        },
+        tokenizer=tokenizer,
+        template=args.template or run.config.data.template,  # what the run trained on
+        thinking=run.config.data.thinking and not args.no_thinking,
+    )
+
+
+def _overlay(params, trained):
+    """`params` with the fully trained leaves of `trained` put in (cast to the base's dtype)."""
+    if not trained:
+        return params
+    out = dict(params)
+    for k, v in trained.items():
+        if isinstance(v, dict):
+            out[k] = _overlay(out[k], v)
+        else:
+            out[k] = v.astype(out[k].dtype)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from k2jax.data.tokenizer import KimiTokenizer
+    from k2jax.generate import Sampling
+
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, min_p=args.min_p)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    loaded = _load(args)
+    template = loaded["template"]
+    session = ChatSession(
+        loaded["module"],
+        loaded["variables"],
+        KimiTokenizer.from_dir(loaded["tokenizer"]),
+        template=template,
+        thinking=loaded["thinking"],
+        system=args.system,
+        sampling=sampling,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if args.prompt is not None:
+        session.reply(args.prompt, write)
+        write("\n")
+        return 0
+    interactive = sys.stdin.isatty()
+    print(f"k2jax chat ({template}): {HELP}", file=sys.stderr)
+    while True:
+        if interactive:
+            write("> ")
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            break
+        if text == "/reset":
+            session.reset()
+            print("(new conversation)", file=sys.stderr)
+            continue
+        if text.startswith("/"):
+            print(f"unknown command {text}: {HELP}", file=sys.stderr)
+            continue
+        session.reply(text, write)
+        write("\n")
+    return 0
