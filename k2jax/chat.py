@@ -115,47 +115,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
 
 
-def _load(args) -> dict:
-    """module, variables, tokenizer folder, template and thinking for --model or --run."""
+def load(
+    model: str | None = None,
+    run: str | None = None,
+    *,
+    step: int | None = None,
+    tokenizer: str | None = None,
+    template: str | None = None,
+    thinking: bool = True,
+    dtype: str = "bfloat16",
+) -> dict:
+    """What a ChatSession needs for a checkpoint folder (`model`) or a training run (`run`, its
+    base with the trained LoRA, QK-clip factors and trained base leaves): a dict of module,
+    variables, tokenizer folder, template and thinking."""
     from k2jax.api import load_model
     from k2jax.generate import template_for
 
-    if args.model:
-        model = load_model(args.model, dtype=args.dtype)
+    if (model is None) == (run is None):
+        raise ValueError("pass exactly one of a checkpoint folder (model) or a run folder (run)")
+    if model is not None:
+        loaded = load_model(model, dtype=dtype)
         return dict(
-            module=model.module,
-            variables=model.variables(),
-            tokenizer=args.tokenizer or args.model,
-            template=args.template or template_for(args.model),
-            thinking=not args.no_thinking,
+            module=loaded.module,
+            variables=loaded.variables(),
+            tokenizer=tokenizer or model,
+            template=template or template_for(model),
+            thinking=thinking,
         )
 
     from k2jax.model import Transformer
     from k2jax.train.run import load_run
 
-    run = load_run(args.run, args.step)
-    if run.base_path is None:
+    r = load_run(run, step)
+    if r.base_path is None:
         raise ValueError(
-            f"{args.run}: the run trained on the random preset {run.preset!r}, not a checkpoint "
+            f"{run}: the run trained on the random preset {r.preset!r}, not a checkpoint "
             "folder; there is no base model to chat with"
         )
     overrides = {}
-    if run.model_config.latent_norm_eps is not None:
-        overrides["latent_norm_eps"] = run.model_config.latent_norm_eps
-    model = load_model(run.base_path, dtype=args.dtype, config_overrides=overrides)
-    tokenizer = args.tokenizer or run.tokenizer_dir
+    if r.model_config.latent_norm_eps is not None:
+        overrides["latent_norm_eps"] = r.model_config.latent_norm_eps
+    base = load_model(r.base_path, dtype=dtype, config_overrides=overrides)
+    tokenizer = tokenizer or r.tokenizer_dir
     if tokenizer is None:
-        raise ValueError(f"{args.run}: the run names no tokenizer; pass --tokenizer DIR")
+        raise ValueError(f"{run}: the run names no tokenizer; pass --tokenizer DIR")
     return dict(
-        module=Transformer(model.config, model.compute, run.lora_config),
+        module=Transformer(base.config, base.compute, r.lora_config),
         variables={
-            "params": _overlay(model.params, run.trained_params),
-            "lora": run.lora,
-            "qk_clip": run.qk_clip,
+            "params": _overlay(base.params, r.trained_params),
+            "lora": r.lora,
+            "qk_clip": r.qk_clip,
         },
         tokenizer=tokenizer,
-        template=args.template or run.config.data.template,  # what the run trained on
-        thinking=run.config.data.thinking and not args.no_thinking,
+        template=template or r.config.data.template,  # what the run trained on
+        thinking=r.config.data.thinking and thinking,
     )
 
 
@@ -179,7 +192,15 @@ def run(args: argparse.Namespace) -> int:
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, min_p=args.min_p)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    loaded = _load(args)
+    loaded = load(
+        args.model,
+        args.run,
+        step=args.step,
+        tokenizer=args.tokenizer,
+        template=args.template,
+        thinking=not args.no_thinking,
+        dtype=args.dtype,
+    )
     template = loaded["template"]
     session = ChatSession(
         loaded["module"],

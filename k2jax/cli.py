@@ -14,6 +14,10 @@ import sys
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": (
+        "k2jax.demo",
+        "the whole job on a CPU in minutes: tiny INT4 checkpoint, LoRA, PEFT export, chat",
+    ),
     "train": ("k2jax.train.cli", "LoRA-train from a run config (gin files + --set overrides)"),
     "convert": (
         "k2jax.conversion.convert",
