@@ -37,6 +37,7 @@ class K2Model:
     lora_config: LoraConfig | None = None
     mesh: jax.sharding.Mesh | None = None
     path: Path | None = None  # the folder it was loaded from (tokenizer, chat template)
+    qk_clip: dict | None = None  # MuonClip's per-head factors of a fine-tune (k2jax.model.mla)
 
     @property
     def module(self) -> Transformer:
@@ -46,6 +47,8 @@ class K2Model:
         v = {"params": self.params}
         if self.lora:
             v["lora"] = self.lora
+        if self.qk_clip:
+            v["qk_clip"] = self.qk_clip
         return v
 
     @property
@@ -131,6 +134,65 @@ def _logits_program(config: ModelConfig, compute: ComputeConfig, lora: LoraConfi
     second model of the same shape does not compile again)."""
     module = Transformer(config, compute, lora)
     return jax.jit(lambda v, t, p, s: module.apply(v, t, p, s, method=Transformer.logits))
+
+
+def load_finetune(
+    run_dir,
+    *,
+    step: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    dtype: str = "bfloat16",
+) -> K2Model:
+    """A training run's model: its base checkpoint (config.model.path) with the run's trained
+    LoRA, QK-clip factors and trained base leaves, from its newest checkpoint (or `step`).
+    `run_dir` is a run folder or a `k2jax.train.Run` already read by `load_run`.
+
+        tuned = k2jax.load_finetune("runs/my-run")
+        tuned.generate("Hello", max_new_tokens=32)
+    """
+    from k2jax.train.run import Run, load_run
+
+    run = run_dir if isinstance(run_dir, Run) else load_run(run_dir, step)
+    if run.base_path is None:
+        raise ValueError(
+            f"{run_dir}: the run trained on the random preset {run.preset!r}, not a checkpoint "
+            "folder; there is no base model to load"
+        )
+    overrides = {}
+    if run.model_config.latent_norm_eps is not None:
+        overrides["latent_norm_eps"] = run.model_config.latent_norm_eps
+    base = load_model(run.base_path, mesh=mesh, dtype=dtype, config_overrides=overrides)
+    lora, qk_clip = run.lora, run.qk_clip
+    if mesh is not None:  # the adapters go where the rules table puts them, like the base
+        from k2jax.model.transformer import init_variables
+        from k2jax.sharding import param_shardings
+
+        module = Transformer(base.config, base.compute, run.lora_config)
+        boxed = jax.eval_shape(
+            lambda: init_variables(module, jax.random.key(0), lora_rng=jax.random.key(1))
+        )
+        lora = jax.device_put(lora, param_shardings(boxed["lora"], mesh))
+        qk_clip = jax.device_put(qk_clip, param_shardings(boxed["qk_clip"], mesh))
+    return dataclasses.replace(
+        base,
+        params=_overlay(base.params, run.trained_params),
+        lora=lora,
+        lora_config=run.lora_config,
+        qk_clip=qk_clip,
+    )
+
+
+def _overlay(params, trained):
+    """`params` with the fully trained leaves of `trained` put in (cast to the base's dtype)."""
+    if not trained:
+        return params
+    out = dict(params)
+    for k, v in trained.items():
+        if isinstance(v, dict):
+            out[k] = _overlay(out[k], v)
+        else:
+            out[k] = jax.device_put(v.astype(out[k].dtype), out[k].sharding)
+    return out
 
 
 def load_model(

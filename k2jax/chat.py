@@ -143,46 +143,21 @@ def load(
             thinking=thinking,
         )
 
-    from k2jax.model import Transformer
+    from k2jax.api import load_finetune
     from k2jax.train.run import load_run
 
     r = load_run(run, step)
-    if r.base_path is None:
-        raise ValueError(
-            f"{run}: the run trained on the random preset {r.preset!r}, not a checkpoint "
-            "folder; there is no base model to chat with"
-        )
-    overrides = {}
-    if r.model_config.latent_norm_eps is not None:
-        overrides["latent_norm_eps"] = r.model_config.latent_norm_eps
-    base = load_model(r.base_path, dtype=dtype, config_overrides=overrides)
+    tuned = load_finetune(r, dtype=dtype)
     tokenizer = tokenizer or r.tokenizer_dir
     if tokenizer is None:
         raise ValueError(f"{run}: the run names no tokenizer; pass --tokenizer DIR")
     return dict(
-        module=Transformer(base.config, base.compute, r.lora_config),
-        variables={
-            "params": _overlay(base.params, r.trained_params),
-            "lora": r.lora,
-            "qk_clip": r.qk_clip,
-        },
+        module=tuned.module,
+        variables=tuned.variables(),
         tokenizer=tokenizer,
         template=template or r.config.data.template,  # what the run trained on
         thinking=r.config.data.thinking and thinking,
     )
-
-
-def _overlay(params, trained):
-    """`params` with the fully trained leaves of `trained` put in (cast to the base's dtype)."""
-    if not trained:
-        return params
-    out = dict(params)
-    for k, v in trained.items():
-        if isinstance(v, dict):
-            out[k] = _overlay(out[k], v)
-        else:
-            out[k] = v.astype(out[k].dtype)
-    return out
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from helpers import rel_err
 
-from k2jax.api import load_model
+from k2jax.api import load_finetune, load_model
 from k2jax.config import CONFIG_DIR, ConfigError, load_model_config
 from k2jax.data import DEMO_CHATS, DataConfig, KimiTokenizer, PackedBatches
 from k2jax.data.testing import write_tiny_tokenizer
@@ -341,6 +341,16 @@ def test_trainer_on_a_checkpoint_eval_tensorboard_and_load_run(tmp_path, int4_ch
     scales = run.qk_clip["moe_layers"]["self_attn"]["scales"]
     assert scales.shape == (2, 3, 4) and run.trained_params == {}
     assert run.meta["data_state"]["batches"] == 4
+    # The fine-tune as a model (chat, notebooks): the trained adapters change the logits, and on
+    # an (expert 4, tensor 2) mesh it computes what it computes on one device.
+    tokens = np.arange(2 * 16).reshape(2, 16) % 700
+    base = load_model(int4_checkpoint, dtype="float32").logits(tokens)
+    tuned = load_finetune(run, dtype="float32")
+    want = tuned.logits(tokens)
+    assert rel_err(want, base) > 1e-3
+    sharded = load_finetune(run_dir, dtype="float32", mesh=make_mesh(1, 4, 2))
+    assert sharded.lora_config == rc.lora and sharded.qk_clip is not None
+    assert rel_err(sharded.logits(tokens), want) <= 1e-5
     # The folder now holds checkpoints: refusing to overwrite, refusing a changed adapter layout.
     with pytest.raises(ConfigError, match="already holds checkpoints .* train.resume = True"):
         Trainer(rc.replace(train={"resume": False})).setup()
