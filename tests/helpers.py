@@ -13,6 +13,48 @@ ROOT = Path(__file__).resolve().parent.parent
 REF_PYTHON = ROOT / ".venv-ref" / "bin" / "python"
 REF_DIR = ROOT / "tests" / "reference"
 
+# Kimi-K2's YaRN block, as its config.json writes it (K2_FACTS §1).
+K2_YARN = {
+    "type": "yarn",
+    "factor": 32.0,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 1.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
+# A tiny DeepseekV3/Kimi-K2 config.json (the transformers reference's form) that the parity,
+# loader and export tests vary: MLA with YaRN, one dense layer, 8 experts of which 2 per token, a
+# shared expert, 4 heads (so expert=4 × tensor=2 meshes split it).
+TINY_HF_CONFIG = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    q_lora_rank=32,
+    kv_lora_rank=16,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=1,
+    topk_group=1,
+    first_k_dense_replace=1,
+    routed_scaling_factor=2.827,
+    norm_topk_prob=True,
+    rms_norm_eps=1e-6,  # transformers' latent norms always use 1e-6 (K2_FACTS §3.1)
+    max_position_embeddings=131072,
+    rope_theta=50000.0,
+    rope_scaling=K2_YARN,
+    num_nextn_predict_layers=0,
+    tie_word_embeddings=False,
+)
+
 
 def run_reference(script: str, *args: str, timeout: float = 600) -> str:
     """Runs tests/reference/<script> in the torch reference environment (.venv-ref, Python 3.11).

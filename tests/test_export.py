@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from helpers import rel_err, run_reference, write_json
+from helpers import TINY_HF_CONFIG, rel_err, run_reference, write_json
 
 import k2jax
 from k2jax.config import ModelConfig
@@ -32,42 +32,7 @@ from k2jax.model.transformer import init_variables
 
 TOL = 1e-4
 
-CONFIG = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=96,
-    moe_intermediate_size=24,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    q_lora_rank=32,
-    kv_lora_rank=16,
-    qk_nope_head_dim=16,
-    qk_rope_head_dim=8,
-    v_head_dim=16,
-    n_routed_experts=8,
-    n_shared_experts=1,
-    num_experts_per_tok=2,
-    n_group=1,
-    topk_group=1,
-    first_k_dense_replace=1,
-    routed_scaling_factor=2.827,
-    norm_topk_prob=True,
-    rms_norm_eps=1e-6,  # transformers' latent norms always use 1e-6 (K2_FACTS §3.1)
-    max_position_embeddings=131072,
-    rope_theta=50000.0,
-    rope_scaling={
-        "type": "yarn",
-        "factor": 32.0,
-        "original_max_position_embeddings": 4096,
-        "beta_fast": 1.0,
-        "beta_slow": 1.0,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-    },
-    num_nextn_predict_layers=0,
-    tie_word_embeddings=False,
-)
+CONFIG = TINY_HF_CONFIG
 TOKENS = np.random.default_rng(7).integers(0, 256, (2, 11)).tolist()
 F32 = ComputeConfig(dtype="float32", param_dtype="float32", remat="none")
 

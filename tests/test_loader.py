@@ -22,7 +22,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from helpers import rel_err, run_reference, write_json
+from helpers import TINY_HF_CONFIG, rel_err, run_reference, write_json
 
 import k2jax
 from k2jax.config import ConfigError, ModelConfig
@@ -34,46 +34,10 @@ from k2jax.sharding import logical_specs, make_mesh
 from k2jax.testing import make_tiny_checkpoint
 
 TOL = 1e-5
-K2_YARN = {
-    "type": "yarn",
-    "factor": 32.0,
-    "original_max_position_embeddings": 4096,
-    "beta_fast": 1.0,
-    "beta_slow": 1.0,
-    "mscale": 1.0,
-    "mscale_all_dim": 1.0,
-}
 # Dims chosen so 32×32 FP8 blocks have partial edges (q_a rows 40, kv_a rows 24, kv_b cols 16)
 # and every expert input width is a multiple of the INT4 group (32); 8 experts and 4 heads split
 # over expert=4 × tensor=2.
-CONFIG = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=96,
-    moe_intermediate_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    q_lora_rank=40,
-    kv_lora_rank=16,
-    qk_nope_head_dim=16,
-    qk_rope_head_dim=8,
-    v_head_dim=16,
-    n_routed_experts=8,
-    n_shared_experts=1,
-    num_experts_per_tok=2,
-    n_group=1,
-    topk_group=1,
-    first_k_dense_replace=1,
-    routed_scaling_factor=2.827,
-    norm_topk_prob=True,
-    rms_norm_eps=1e-6,
-    max_position_embeddings=131072,
-    rope_theta=50000.0,
-    rope_scaling=K2_YARN,
-    num_nextn_predict_layers=0,
-    tie_word_embeddings=False,
-)
+CONFIG = {**TINY_HF_CONFIG, "q_lora_rank": 40, "moe_intermediate_size": 32}
 TOKENS = np.random.default_rng(1).integers(0, 256, (8, 12))
 TINY_TOKENS = np.random.default_rng(2).integers(0, 1024, (8, 6))
 # transformers builds the MLA latent norms with eps 1e-6 whatever rms_norm_eps says (K2_FACTS §3.1)
