@@ -67,6 +67,7 @@ from k2jax.conversion.safetensors_io import (
     PICKLE_SUFFIXES,
     CheckpointIndex,
     SafetensorsFile,
+    replace_dir,
     write_safetensors,
 )
 from k2jax.lora import LoraConfig
@@ -410,13 +411,7 @@ def merge_lora(
                 shutil.copytree(item, tmp / item.name)
             else:
                 shutil.copy2(item, tmp / item.name)  # incl. the index: same names, same shards
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

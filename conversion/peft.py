@@ -63,7 +63,7 @@ import numpy as np
 
 from k2jax.config import ModelConfig
 from k2jax.conversion.hf_names import ParamSlot, slot_to_hf
-from k2jax.conversion.safetensors_io import write_safetensors
+from k2jax.conversion.safetensors_io import replace_dir, write_safetensors
 from k2jax.lora import LoraConfig
 
 log = logging.getLogger(__name__)
@@ -353,7 +353,7 @@ def export_peft(
         (tmp / "adapter_config.json").write_text(
             json.dumps(config, indent=2, sort_keys=True) + "\n"
         )
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -361,17 +361,6 @@ def export_peft(
         "wrote a %s PEFT adapter (%d tensors, rank %d) to %s", layout, len(tensors), rank, out_dir
     )
     return out_dir
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Renames the finished folder `tmp` to `out_dir`, replacing an existing one."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _build(cfg, lora_tree, modules, r, scale, layout, np_dtype):

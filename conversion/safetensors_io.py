@@ -49,6 +49,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterable, Mapping
@@ -612,6 +613,18 @@ def _atomic_write(path: Path, write) -> None:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Renames the finished folder `tmp` to `out_dir`, replacing an existing one: the old folder
+    is moved aside first and deleted only once the new one is in place."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_safetensors(
