@@ -250,6 +250,26 @@ def test_step_on_expert4_tensor2_mesh_matches_one_device(batch, mesh_programs):
         assert not {shape, (shape[1], shape[0], *shape[2:])} & gathered, shape
 
 
+def test_optimizer_state_of_expert_factors_is_sharded_over_experts():
+    """Muon's and AdamW's moments of a routed-expert factor live on the devices of its experts
+    (a replicated moment would cost 8× the adapters' memory at expert=8)."""
+    mesh = make_mesh(1, 4, 2)
+    for name in ("muon", "adamw"):
+        spec = dataclasses.replace(spec_a(), optim=dataclasses.replace(spec_a().optim, name=name))
+        prog = build_program(spec, mesh)
+        flat = jax.tree_util.tree_flatten_with_path(prog.state_shardings["opt_state"])[0]
+        moments = [
+            (jax.tree_util.keystr(path), s.spec)
+            for path, s in flat
+            if "['experts']" in jax.tree_util.keystr(path)
+        ]
+        assert len(moments) >= 6, (name, moments)  # 3 projections × (A, B), one moment or two
+        for path, pspec in moments:
+            first = pspec[0] if len(pspec) else None  # P(): replicated
+            first = first if isinstance(first, tuple) else (first,)
+            assert "expert" in first, (name, path, pspec)  # [E, L, ..]: E over the expert axis
+
+
 def test_checkpoint_restores_onto_another_mesh(tmp_path, mesh_programs):
     prog1, prog8 = mesh_programs
     _, tparams = prog1.init_base(0)

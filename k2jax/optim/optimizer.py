@@ -209,7 +209,11 @@ def make_optimizer(
             muon_weight_dimension_numbers=dims,  # the last two axes: the same in either view
             consistent_rms=config.consistent_rms,
         )
-        opt = _in_expert_major_view(opt)
+    # Both optimizers hold their state in the expert-major view, which is where the train step
+    # places optimizer state (k2jax.train.step): AdamW's moments are elementwise, so for it the
+    # view only decides the layout, and a [L, E, ..] moment would not match the [E, L, ..]
+    # sharding and be replicated on every device (76 GiB per GPU for full K2 at expert=8).
+    opt = _in_expert_major_view(opt)
     if config.grad_clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), opt)
     return opt
