@@ -17,6 +17,7 @@ from k2jax.config import CONFIG_DIR, load_model_config
 from k2jax.lora import LoraConfig
 from k2jax.model import ComputeConfig, Transformer
 from k2jax.model.loss import chunked_cross_entropy
+from k2jax.model.moe import ExpertProj
 from k2jax.model.transformer import init_variables
 from k2jax.ops.grouped_matmul import GroupedLora, grouped_matmul
 from k2jax.quant import dequantize, quantize_int4, random_int4
@@ -253,3 +254,19 @@ def test_full_size_kimi_k2_thinking_shapes():
     assert out[0]["loss_sum"].shape == ()
     assert out[1]["moe"]["expert_load"].shape == (60, 384)
     assert out[1]["moe"]["max_logit"].shape == (60, 64)
+
+
+@pytest.mark.parametrize("experts", ["int4", "bf16"])
+def test_random_expert_stack_init_is_drawn_one_expert_at_a_time(experts):
+    """A random base's 384-expert gate|up stack at K2 widths (tests, benchmarks, the planner's
+    abstract init): drawn whole, its random bits need 180 GB of temporaries; one expert at a
+    time, under a gigabyte. Compiled only, never run."""
+    proj = ExpertProj(384, 4096, 7168, ("mlp", "embed"), ComputeConfig(experts=experts), None)
+    compiled = jax.jit(proj.init).lower(jax.random.key(0)).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 2e9
+    # and the experts are different draws
+    small = ExpertProj(4, 8, 64, ("mlp", "embed"), ComputeConfig(experts=experts), None)
+    leaves = jax.tree.leaves(nn.unbox(small.init(jax.random.key(0))))
+    for leaf in leaves:
+        x = np.asarray(leaf.astype(jnp.float32))
+        assert not np.array_equal(x[0], x[1])

@@ -134,6 +134,19 @@ def routed_experts(x_ND, idx_NK, weights_NK, w: ExpertWeights, *, impl: str, lor
     return out.astype(x_ND.dtype)
 
 
+def _per_expert(draw, num_experts: int):
+    """An initializer of an [E, ...] stack that draws one expert at a time (`lax.map` over split
+    keys). Random bits are generated at full width (uint32) before they are cast, so drawing a
+    whole stack at once needs temporaries of 4× its int32 size: a 384-expert gate|up stack of K2
+    asks for 180 GB; one expert at a time needs 0.5 GB. Only random bases (tests, benchmarks,
+    `k2jax plan`'s abstract init) run this; a loaded checkpoint never does."""
+
+    def init(key):
+        return jax.lax.map(draw, jax.random.split(key, num_experts))
+
+    return init
+
+
 class ExpertProj(nn.Module):
     """One stacked expert projection: its weight [E, out, in] (bf16, or INT4 codes + scales) when
     `with_weight`, and its per-expert LoRA (A [E, r, in], B [E, out, r]) when targeted.
@@ -159,26 +172,29 @@ class ExpertProj(nn.Module):
         if self.with_weight and self.compute.experts == "int4":
             g = self.compute.int4_group_size
             dtype = self.compute.jnp_param_dtype
+            # Codes and scales draw from the same key, so they form one consistent Int4Weight.
             values = self.param(
                 "weight_q",
                 nn.with_logical_partitioning(
-                    lambda key: random_int4(key, (E, N, K), g, dtype=dtype).values, axes
+                    _per_expert(lambda key: random_int4(key, (N, K), g, dtype=dtype).values, E),
+                    axes,
                 ),
             )
             scales = self.param(
                 "weight_scale",
                 nn.with_logical_partitioning(
-                    lambda key: random_int4(key, (E, N, K), g, dtype=dtype).scales,
+                    _per_expert(lambda key: random_int4(key, (N, K), g, dtype=dtype).scales, E),
                     ("experts", out_axis, in_axis + "_groups"),
                 ),
             )
             weight = Int4Weight(values, scales)
         elif self.with_weight:
+            dtype = self.compute.jnp_param_dtype
             weight = self.param(
                 "weight",
-                nn.with_logical_partitioning(BASE_INIT, axes),
-                (E, N, K),
-                self.compute.jnp_param_dtype,
+                nn.with_logical_partitioning(
+                    _per_expert(lambda key: BASE_INIT(key, (N, K), dtype), E), axes
+                ),
             )
         lora = None
         if self.lora is not None and self.lora.applies_to(module_path(self)):
