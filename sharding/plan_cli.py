@@ -25,9 +25,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mesh", default="data=1,expert=8,tensor=1", help="data=..,expert=..,tensor=.."
     )
-    parser.add_argument("--seq", type=int, default=4096, help="sequence length (tokens per row)")
     parser.add_argument(
-        "--batch", type=int, default=None, help="rows per step (default data×expert)"
+        "--seq",
+        type=int,
+        default=None,
+        help="tokens per row (default: a run config's data.seq_len, else 4096)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="rows per step (default: a run config's data.batch_size, else data×expert)",
     )
     parser.add_argument("--device-memory-gb", type=float, default=80.0, help="memory per GPU, GiB")
     parser.add_argument(
@@ -49,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _configs(path: str, overrides: list[str]):
-    """(ModelConfig, compute, lora, optim) from a preset or a run config."""
+    """(ModelConfig, compute, lora, optim, run) from a preset or a run config (run: the
+    RunConfig, or None for a preset)."""
     from k2jax.config import ConfigError, ModelConfig, load_model_config, parse_bindings
     from k2jax.model import ComputeConfig
 
@@ -63,13 +72,13 @@ def _configs(path: str, overrides: list[str]):
             model = load_model_config(run.model.preset)
         else:
             model = ModelConfig.from_hf_dir(run.model.path)
-        return model, run.compute, run.lora, run.optim
+        return model, run.compute, run.lora, run.optim, run
     try:
         model = load_model_config(path, [o for o in overrides if o.startswith("model.")])
     except ConfigError as e:
         raise ConfigError(f"{path}: not a model preset or run config: {e}") from None
     compute = ComputeConfig(dtype="bfloat16", param_dtype="bfloat16", experts="int4", remat="full")
-    return model, compute, None, None
+    return model, compute, None, None, None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,14 +102,22 @@ def run(args: argparse.Namespace) -> int:
 
     from k2jax.sharding.planner import GIB, largest_fitting_seq, plan
 
-    model, compute, lora, optim = _configs(args.config, args.set)
+    model, compute, lora, optim, run_config = _configs(args.config, args.set)
+    # A run config plans what it trains: its rows per step, microbatches and sequence length.
+    batch, grad_accum, seq = args.batch, 1, args.seq
+    if run_config is not None:
+        batch = batch or run_config.data.batch_size
+        grad_accum = run_config.train.grad_accum
+        seq = seq or run_config.data.seq_len
+    seq = seq or 4096
     chunk = args.moe_chunk_tokens
     if chunk is None:
         chunk = compute.moe_chunk_tokens or 512
     compute = dataclasses.replace(compute, moe_chunk_tokens=chunk)
     kw = dict(
         mesh_sizes=sizes,
-        batch=args.batch,
+        batch=batch,
+        grad_accum=grad_accum,
         device_memory_gb=args.device_memory_gb,
         reserve_fraction=args.reserve,
         lora=lora,
@@ -113,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"nothing fits: even {1024} tokens per row exceed {args.device_memory_gb} GiB")
             result = plan(model, seq=1024, **kw)
     else:
-        result = plan(model, seq=args.seq, **kw)
+        result = plan(model, seq=seq, **kw)
     print(result.table())
     if args.max_seq:
         print(f"largest sequence that fits: {result.seq if result.fits else 0}")

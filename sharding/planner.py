@@ -137,8 +137,11 @@ def plan(
     check_mesh_fits(mesh, model_cfg)
     rows = mesh_sizes["data"] * mesh_sizes["expert"]
     batch = batch or rows
-    if batch % rows:
-        raise ValueError(f"batch {batch} must be divisible by data × expert = {rows}")
+    if batch % grad_accum or (batch // grad_accum) % rows:
+        raise ValueError(
+            f"a microbatch of batch {batch} / grad_accum {grad_accum} rows must be divisible by "
+            f"data × expert = {rows}"
+        )
     compute = compute or ComputeConfig(dtype="bfloat16", param_dtype="bfloat16", experts="int4")
     compute = dataclasses.replace(compute, gmm_impl="plan", attention_impl="plan")
     spec = StepSpec(
