@@ -73,8 +73,15 @@ def _configs(path: str, overrides: list[str]):
         else:
             model = ModelConfig.from_hf_dir(run.model.path)
         return model, run.compute, run.lora, run.optim, run
+    other = [o for o in overrides if not o.startswith("model.")]
+    if other:
+        raise ConfigError(
+            f"--set {other[0]}: {path} is a model preset, which takes only model.* overrides; "
+            "plan a run config (e.g. configs/lora_sft.gin) to change the lora, optim or compute "
+            "sections"
+        )
     try:
-        model = load_model_config(path, [o for o in overrides if o.startswith("model.")])
+        model = load_model_config(path, overrides)
     except ConfigError as e:
         raise ConfigError(f"{path}: not a model preset or run config: {e}") from None
     compute = ComputeConfig(dtype="bfloat16", param_dtype="bfloat16", experts="int4", remat="full")

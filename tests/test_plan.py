@@ -83,3 +83,9 @@ def test_bad_mesh_is_a_clear_error_before_any_compute(capsys, mesh, message):
     rc = main(["plan", "--config", str(CONFIG_DIR / "tiny.gin"), "--mesh", mesh, "--seq", "64"])
     err = capsys.readouterr().err
     assert rc == 2 and "error" in err and message in err, err
+
+
+def test_preset_refuses_overrides_it_would_ignore(capsys):
+    args = ["plan", "--config", str(CONFIG_DIR / "tiny.gin"), "--mesh", "data=1,expert=2,tensor=1"]
+    assert main([*args, "--set", 'optim.name="adamw"']) == 2
+    assert "only model.* overrides" in capsys.readouterr().err
