@@ -1,4 +1,5 @@
-"""Test support: random k2jax parameter trees and Hugging Face folders written from a given tree.
+"""Test support: random k2jax parameter and LoRA trees, and Hugging Face folders written from a
+given tree.
 
 `k2jax.testing.make_tiny_checkpoint` makes a folder from a seed; tests that already hold a
 parameter tree (test_generate: the model it samples from must be the one `k2jax chat` loads) use
@@ -21,7 +22,39 @@ from k2jax.conversion.loader import abstract_params
 from k2jax.conversion.safetensors_io import write_sharded_checkpoint
 from k2jax.data.testing import write_tiny_tokenizer
 from k2jax.model import ComputeConfig
+from k2jax.model.transformer import init_variables
 from k2jax.testing import _config_json, _dense_value, hf_tensor_shapes
+
+
+def variable_shapes(module) -> dict:
+    """The unboxed abstract variables of `module` (params, lora, qk_clip): shapes, no memory."""
+    return nn.unbox(
+        jax.eval_shape(
+            lambda: init_variables(module, jax.random.key(0), lora_rng=jax.random.key(1))
+        )
+    )
+
+
+def random_lora(lora_shapes: dict, rng: np.random.Generator) -> dict:
+    """A float32 "lora" tree with every factor non-zero: A ~ N(0, 1/in), B ~ N(0, 0.2²), so each
+    adapter (B = 0 at init) visibly changes the model."""
+
+    def fill(path, x):
+        if path[-1].key == "lora_A":
+            return (rng.normal(size=x.shape) / np.sqrt(x.shape[-1])).astype(np.float32)
+        return (0.2 * rng.normal(size=x.shape)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, lora_shapes)
+
+
+@jax.jit
+def perturbed(lora, key):
+    """`lora` plus N(0, 0.05²) on every factor (B ≠ 0), so every adapter contributes."""
+    leaves, treedef = jax.tree.flatten(lora)
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten(
+        [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    )
 
 
 def random_params(cfg: ModelConfig, seed: int = 0) -> dict:

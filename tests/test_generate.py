@@ -15,13 +15,12 @@ import dataclasses
 import io
 import json
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import rel_err
-from k2_checkpoints import random_params, write_checkpoint
+from k2_checkpoints import random_lora, random_params, variable_shapes, write_checkpoint
 
 import k2jax
 from k2jax.api import K2Model
@@ -44,7 +43,7 @@ from k2jax.generate import (
 )
 from k2jax.lora import LoraConfig
 from k2jax.model import ComputeConfig, Transformer
-from k2jax.model.transformer import init_cache, init_variables
+from k2jax.model.transformer import init_cache
 
 F32 = ComputeConfig(dtype="float32", param_dtype="float32", remat="none")
 LORA = LoraConfig(rank=4, alpha=8.0)
@@ -57,21 +56,12 @@ N_NEW = 20
 def tiny():
     cfg = load_model_config(CONFIG_DIR / "tiny.gin")
     module = Transformer(cfg, F32, LORA)
-    shapes = nn.unbox(
-        jax.eval_shape(
-            lambda: init_variables(module, jax.random.key(0), lora_rng=jax.random.key(1))
-        )
-    )
+    shapes = variable_shapes(module)
     rng = np.random.default_rng(4)
-
-    def fill(path, x):
-        if path[-1].key == "lora_A":
-            return (rng.normal(size=x.shape) / np.sqrt(x.shape[-1])).astype(np.float32)
-        return (0.2 * rng.normal(size=x.shape)).astype(np.float32)
 
     variables = {
         "params": random_params(cfg, seed=5),
-        "lora": jax.tree_util.tree_map_with_path(fill, shapes["lora"]),
+        "lora": random_lora(shapes["lora"], rng),
         "qk_clip": jax.tree.map(
             lambda x: rng.uniform(0.4, 1.0, x.shape).astype(np.float32), shapes["qk_clip"]
         ),

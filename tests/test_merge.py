@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -35,6 +34,7 @@ import numpy as np
 import pytest
 from helpers import rel_err
 from hf_tree import hf_tensors, host_params, tree_from_hf
+from k2_checkpoints import random_lora, variable_shapes
 
 import k2jax
 from k2jax.config import CONFIG_DIR, load_model_config
@@ -43,7 +43,6 @@ from k2jax.conversion.merge import MergeError, merge_lora, quantize_fp8_block
 from k2jax.conversion.safetensors_io import CheckpointIndex, write_sharded_checkpoint
 from k2jax.lora import LoraConfig
 from k2jax.model import ComputeConfig, Transformer
-from k2jax.model.transformer import init_variables
 from k2jax.quant import quantize_int4
 from k2jax.testing import make_tiny_checkpoint
 
@@ -58,19 +57,10 @@ BLOCK = (16, 16)
 def fine_tune():
     cfg = load_model_config(CONFIG_DIR / "tiny.gin")
     module = Transformer(cfg, F32, LORA)
-    shapes = nn.unbox(
-        jax.eval_shape(
-            lambda: init_variables(module, jax.random.key(0), lora_rng=jax.random.key(1))
-        )
-    )
+    shapes = variable_shapes(module)
     rng = np.random.default_rng(2)
 
-    def fill(path, x):
-        if path[-1].key == "lora_A":
-            return (rng.normal(size=x.shape) / np.sqrt(x.shape[-1])).astype(np.float32)
-        return (0.2 * rng.normal(size=x.shape)).astype(np.float32)
-
-    lora = jax.tree_util.tree_map_with_path(fill, shapes["lora"])
+    lora = random_lora(shapes["lora"], rng)
     qk_clip = jax.tree.map(
         lambda x: np.where(rng.random(x.shape) < 0.3, 1.0, rng.uniform(0.4, 1.0, x.shape)).astype(
             np.float32

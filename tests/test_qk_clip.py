@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from k2_checkpoints import perturbed
 
 from k2jax.config import CONFIG_DIR, load_model_config
 from k2jax.lora import LoraConfig
@@ -24,7 +25,7 @@ def tiny():
     cfg = load_model_config(CONFIG_DIR / "tiny.gin")
     model = Transformer(cfg, F32, LoraConfig(rank=4))
     v = nn.unbox(init_variables(model, jax.random.key(0), lora_rng=jax.random.key(1)))
-    v["lora"] = _perturbed(v["lora"], jax.random.key(2))
+    v["lora"] = perturbed(v["lora"], jax.random.key(2))
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 16)), jnp.int32)
     mask = jnp.ones(tokens.shape, jnp.float32)
@@ -35,16 +36,6 @@ def tiny():
         return {k: a["max_logit"] for k, a in aux.items()}
 
     return v, max_logits
-
-
-@jax.jit
-def _perturbed(lora, key):
-    """Random non-zero B (and A) everywhere, so every adapter shapes the logits."""
-    leaves, treedef = jax.tree.flatten(lora)
-    keys = jax.random.split(key, len(leaves))
-    return treedef.unflatten(
-        [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    )
 
 
 def _grow_last_layer_query_key(lora, factor):

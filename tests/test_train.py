@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import rel_err
+from k2_checkpoints import perturbed
 
 from k2jax.api import load_finetune, load_model
 from k2jax.config import CONFIG_DIR, ConfigError, load_model_config
@@ -88,16 +89,6 @@ def batch(tmp_path_factory):
     tok = KimiTokenizer.from_dir(folder)
     data = PackedBatches(DataConfig(path=str(DEMO_CHATS), seq_len=128, batch_size=8), tok)
     return next(data)
-
-
-@jax.jit
-def _perturbed(lora, key):
-    """Random non-degenerate factors everywhere (B ≠ 0), so every adapter contributes."""
-    leaves, treedef = jax.tree.flatten(lora)
-    keys = jax.random.split(key, len(leaves))
-    return treedef.unflatten(
-        [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    )
 
 
 def assert_falls(losses):
@@ -190,7 +181,7 @@ def test_int4_and_bf16_bases_give_the_same_loss(batch, int4_checkpoint):
     experts = frozen16["moe_layers"]["mlp"]["experts"]
     assert experts["down_proj"]["weight"].dtype == jnp.bfloat16
     state = prog4.init_state(0, tparams)
-    state["trainable"]["lora"] = _perturbed(state["trainable"]["lora"], jax.random.key(3))
+    state["trainable"]["lora"] = perturbed(state["trainable"]["lora"], jax.random.key(3))
     b = prog4.device_batch(batch)
     loss = {}
     for name, prog, frozen in (("int4", prog4, frozen4), ("bf16", prog16, frozen16)):
@@ -213,7 +204,7 @@ def test_step_on_expert4_tensor2_mesh_matches_one_device(batch, mesh_programs):
     prog1, prog8 = mesh_programs
     frozen, tparams = prog1.init_base(0)
     state = prog1.init_state(0, tparams)
-    state["trainable"]["lora"] = _perturbed(state["trainable"]["lora"], jax.random.key(4))
+    state["trainable"]["lora"] = perturbed(state["trainable"]["lora"], jax.random.key(4))
     host_state, host_frozen = to_host(state), to_host(frozen)
 
     state8 = jax.device_put(host_state, prog8.state_shardings)
@@ -274,7 +265,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, mesh_programs):
     prog1, prog8 = mesh_programs
     _, tparams = prog1.init_base(0)
     state = prog1.init_state(0, tparams)
-    state["trainable"]["lora"] = _perturbed(state["trainable"]["lora"], jax.random.key(5))
+    state["trainable"]["lora"] = perturbed(state["trainable"]["lora"], jax.random.key(5))
     ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
     ckpt.save(3, state, {"data_state": {"x": 1}})
     ckpt.wait()
