@@ -45,7 +45,13 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from k2jax.conversion.orbax_io import convert_checkpoint
+    from k2jax.paths import check_output_path
     from k2jax.sharding import make_mesh, parse_mesh_spec
+
+    # Before anything loads, and in the flags' names (convert_checkpoint checks it too).
+    inputs = {"the Hugging Face checkpoint being converted, --hf-dir": args.hf_dir}
+    check_output_path(args.out, inputs)
+    check_output_path(f"{args.out}.partial", inputs, flag="--out's work folder")
 
     mesh = None
     if args.mesh:

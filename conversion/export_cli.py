@@ -4,7 +4,9 @@
     k2jax export --run runs/my-run --format peft --layout fused --out adapters/my-fused
 
 Refuses a run whose QK-clip factors are not all 1 or that trained base parameters in full (an
-adapter cannot carry them; `k2jax merge` can), unless --allow-lossy.
+adapter cannot carry them; `k2jax merge` can), unless --allow-lossy. Refuses an --out that is,
+contains or lies inside the run folder, its checkpoint folder or its base checkpoint, even with
+--overwrite (k2jax.paths).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="per-expert",
         help="routed experts: per-expert names (vLLM, PEFT) or transformers-5 fused parameters",
     )
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="adapter tensor dtype"
+    )
     parser.add_argument(
         "--allow-lossy",
         action="store_true",
@@ -33,10 +37,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from k2jax.conversion.peft import export_peft
-    from k2jax.train.run import load_run
+    from k2jax.paths import check_output_path
+    from k2jax.train.run import checkpoint_dir, load_run
 
     r = load_run(args.run, args.step)
+    inputs = {
+        "the run folder being exported, --run": args.run,
+        "the run's checkpoint folder": checkpoint_dir(r.config, r.run_dir),
+        "the run's base checkpoint": r.base_path,
+    }
+    check_output_path(args.out, inputs)
+    # Here rather than in export_peft, so that the message names the flag.
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} already exists; pass --overwrite to replace it")
     out = export_peft(
         r.model_config,
         r.lora_config,

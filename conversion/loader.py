@@ -29,6 +29,10 @@ shard). Rejected: `jax.make_array_from_callback` on the whole leaf (it holds eve
 whole slice on the host at once) and `jnp.stack` of per-layer arrays (twice the leaf in device
 memory). The same pieces are the unit of the converted Orbax format (orbax_io.py).
 
+Non-finite weights. By default every float piece's NaN/Inf values are counted on the devices
+as it is placed and a non-zero count is a CheckpointError naming the tensors (conversion/finite.py;
+`check_finite=False` loads them anyway).
+
 Reads go through `pread` into buffers we own instead of through the memory map of
 `CheckpointIndex.read`: the header checks are the same (`CheckpointIndex.info`), but mapped
 pages of a 9 GB shard stay in the process's resident set while the file is open, so the memory a
@@ -55,6 +59,7 @@ import ml_dtypes
 import numpy as np
 
 from k2jax.config import ModelConfig, read_hf_config
+from k2jax.conversion.finite import FiniteCheck, count_spec, nonfinite, replicated
 from k2jax.conversion.formats import (
     FP8,
     INT4,
@@ -721,11 +726,16 @@ class HFCheckpoint:
         *,
         progress: bool | None = None,
         max_piece_bytes: int = DEFAULT_PIECE_BYTES,
+        check_finite: bool = True,
     ):
-        """The params tree, every leaf created with its final sharding (default: one device)."""
+        """The params tree, every leaf created with its final sharding (default: one device).
+
+        check_finite: raise a CheckpointError naming the shards and tensors if any weight is NaN
+        or Inf (counted on the devices while loading; see the module docstring)."""
         leaves = self.plan(abstract_params, shardings)
         pieces = {leaf.name: leaf.split(max_piece_bytes) for leaf in leaves}
         total = sum(self.source_stats(p)[0] for ps in pieces.values() for p in ps)
+        check = self.finite_check() if check_finite else None
         with _progress(total, f"loading {self.folder.name}", progress) as bar:
 
             def build(piece):
@@ -733,9 +743,34 @@ class HFCheckpoint:
                 bar.update(self.source_stats(piece)[0])
                 return arr
 
-            arrays = [assemble_leaf(leaf, pieces[leaf.name], build) for leaf in leaves]
+            arrays = [assemble_leaf(leaf, pieces[leaf.name], build, check) for leaf in leaves]
+        if check is not None:
+            check.raise_if_any(
+                self.folder,
+                "repair or download again the files named, or pass check_finite=False to load "
+                "them anyway",
+            )
         treedef = jax.tree.structure(nn.unbox(abstract_params))
         return jax.tree.unflatten(treedef, arrays)
+
+    def finite_check(self) -> FiniteCheck:
+        """A FiniteCheck whose labels name the stored tensors (and their shard files) that a
+        count came from."""
+        return FiniteCheck(self._source_label)
+
+    def _source_label(self, piece: Piece, entry: int, half: int) -> str:
+        leaf = piece.leaf
+        fused = leaf.module[-1] == "gate_up_proj"
+        mod = self._module(
+            leaf, piece.layer, entry if leaf.experts else None, half if fused else None
+        )
+        tensors = self.stored_tensors(mod)
+        if mod.method == INT4:  # the codes are integers: only the scales can be non-finite
+            names = [tensors["weight_scale"]]
+        else:  # the tensor, or FP8's weight and the weight_scale_inv it is decoded with
+            names = list(tensors.values())
+        files = dict.fromkeys(str(self.folder / self.index.shard_of(n)) for n in names)
+        return f"{' / '.join(map(repr, names))} in {', '.join(files)}"
 
 
 def load_params(
@@ -746,15 +781,21 @@ def load_params(
     shardings=None,
     progress: bool | None = None,
     max_piece_bytes: int = DEFAULT_PIECE_BYTES,
+    check_finite: bool = True,
 ) -> dict:
     """Loads the "params" collection described by `abstract_params` (boxed or plain
     ShapeDtypeStructs, as from `jax.eval_shape(init_variables(...))["params"]`) from a Hugging
     Face checkpoint folder. `shardings`: a matching tree of NamedShardings (default: the first
     local device). `progress`: a tqdm bar (None: only on a terminal). `max_piece_bytes`: the
-    most built in one go (bounds the transient memory beside the params)."""
+    most built in one go (bounds the transient memory beside the params). `check_finite`: refuse
+    NaN / Inf weights (HFCheckpoint.load)."""
     with HFCheckpoint(folder, cfg) as ckpt:
         return ckpt.load(
-            abstract_params, shardings, progress=progress, max_piece_bytes=max_piece_bytes
+            abstract_params,
+            shardings,
+            progress=progress,
+            max_piece_bytes=max_piece_bytes,
+            check_finite=check_finite,
         )
 
 
@@ -782,31 +823,48 @@ def build_array(shape, sharding, read: Callable[[tuple[slice, ...]], np.ndarray]
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
-def assemble_leaf(leaf: LeafPlan, pieces: Sequence[Piece], build) -> jax.Array:
+def assemble_leaf(
+    leaf: LeafPlan, pieces: Sequence[Piece], build, check: FiniteCheck | None = None
+) -> jax.Array:
     """The whole leaf from build(piece) arrays: a leaf in one piece is that piece; otherwise the
     pieces are written one by one into a donated, sharded buffer (device memory: the leaf plus
-    one piece)."""
+    one piece). With `check`, every piece's non-finite values are counted into it."""
     if len(pieces) == 1 and pieces[0].shape == leaf.shape:
-        return build(pieces[0])
+        arr = build(pieces[0])
+        if check is not None:
+            check.count(pieces[0], arr)
+        return arr
     buf = jnp.zeros(leaf.shape, leaf.dtype, device=leaf.sharding)
     for piece in pieces:
-        buf = piece_setter(leaf)(buf, build(piece), piece.starts())
+        buf = place_piece(buf, piece, build(piece), check)
     return buf
 
 
-def piece_setter(leaf: LeafPlan):
-    """jit(buf, piece, starts) → buf with the piece written at `starts`, buf donated."""
-    return _piece_setter(leaf.sharding, leaf.layers is not None)
+def place_piece(buf: jax.Array, piece: Piece, arr: jax.Array, check: FiniteCheck | None = None):
+    """`buf` (the piece's whole leaf, donated) with `arr` written at the piece's place; with
+    `check`, the piece's non-finite values are counted in the same program."""
+    leaf = piece.leaf
+    spec = count_spec(leaf) if check is not None else None
+    setter = _piece_setter(leaf.sharding, leaf.layers is not None, spec)
+    if spec is None:
+        return setter(buf, arr, piece.starts())
+    buf, counts = setter(buf, arr, piece.starts())
+    check.add(piece, counts)
+    return buf
 
 
 @functools.lru_cache(maxsize=256)
-def _piece_setter(sharding, stacked: bool):
+def _piece_setter(sharding, stacked: bool, spec):
     def set_piece(buf, piece, starts):
+        row0 = starts[-2] if len(starts) > 1 else 0  # where a fused gate|up piece's rows start
+        counts = None if spec is None else nonfinite(piece, row0, spec)
         if stacked:
             piece = piece[None]
-        return jax.lax.dynamic_update_slice(buf, piece, starts)
+        buf = jax.lax.dynamic_update_slice(buf, piece, starts)
+        return buf if spec is None else (buf, counts)
 
-    return jax.jit(set_piece, donate_argnums=0, out_shardings=sharding)
+    out = sharding if spec is None else (sharding, replicated(sharding))
+    return jax.jit(set_piece, donate_argnums=0, out_shardings=out)
 
 
 _quantize_int4 = jax.jit(quantize_int4, static_argnums=(1, 2))

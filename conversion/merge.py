@@ -71,6 +71,7 @@ from k2jax.conversion.safetensors_io import (
     write_safetensors,
 )
 from k2jax.lora import LoraConfig
+from k2jax.paths import check_output_path
 from k2jax.quant import quantize_int4
 
 log = logging.getLogger(__name__)
@@ -371,16 +372,17 @@ def merge_lora(
 
     `lora_tree` / `qk_clip_tree` / `trained_params` are the "lora" and "qk_clip" collections
     and the trained base leaves of a run (k2jax.train.load_run), any of them None. An existing
-    `out_dir` is replaced only with `overwrite`; it must not be `base_dir`.
+    `out_dir` is replaced only with `overwrite`; it must not be, contain or lie inside
+    `base_dir`, whatever `overwrite` says (k2jax.paths.OutputPathError).
     """
     base_dir, out_dir = Path(base_dir), Path(out_dir)
+    check_output_path(
+        out_dir, {"its own base checkpoint,": base_dir}, flag="the merged checkpoint folder"
+    )
     if not base_dir.is_dir():
         raise FileNotFoundError(f"{base_dir}: not a checkpoint folder")
-    if out_dir.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
-        if out_dir.resolve() == base_dir.resolve():
-            raise ValueError(f"{out_dir}: the merged checkpoint cannot replace its own base")
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
     _check_architecture(base_dir, model_config)
     fmt = parse_quantization(read_hf_config(base_dir), source=str(base_dir / "config.json"))
     edits = _edits(model_config, lora_config, lora_tree, qk_clip_tree, trained_params)

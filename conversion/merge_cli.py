@@ -3,6 +3,9 @@ its base checkpoint, written in the base's format (see k2jax.conversion.merge).
 
     k2jax merge --run runs/my-run --out ckpt/merged          # base: the checkpoint the run used
     k2jax merge --run runs/my-run --base ckpt/K2T --out ckpt/merged
+
+Refuses an --out that is, contains or lies inside the base checkpoint, the run folder or its
+checkpoint folder, even with --overwrite (k2jax.paths).
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from k2jax.conversion.merge import merge_lora
-    from k2jax.train.run import load_run
+    from k2jax.paths import check_output_path
+    from k2jax.train.run import checkpoint_dir, load_run
 
     r = load_run(args.run, args.step)
     base = args.base or r.base_path
@@ -31,6 +37,15 @@ def run(args: argparse.Namespace) -> int:
             f"{args.run}: the run trained on the random preset {r.preset!r}; there is no base "
             "checkpoint to merge into (pass --base PATH if you have one)"
         )
+    inputs = {
+        "the base checkpoint, --base" if args.base else "the run's base checkpoint": base,
+        "the run folder being merged, --run": args.run,
+        "the run's checkpoint folder": checkpoint_dir(r.config, r.run_dir),
+    }
+    check_output_path(args.out, inputs)
+    # Here rather than in merge_lora, so that the message names the flag.
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} already exists; pass --overwrite to replace it")
     out = merge_lora(
         base,
         r.model_config,

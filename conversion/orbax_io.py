@@ -41,7 +41,16 @@ Resumable and atomic. The work happens in `O.partial` next to O, with a manifest
 item under a temporary name and renames it when complete. A rerun with the same source and
 options skips finished items; O appears (one rename) only when every item, the metadata and the
 copied files are in place. A failure — out of space, permission, interruption — leaves O absent
-and O.partial resumable, and the error says so.
+and O.partial resumable, and the error says so. O.partial is itself created whole: built as
+`.O.partial.<random>.new` holding a marker file and the manifest, then renamed, so a process
+killed at any moment leaves either no work folder (a rerun removes the temporary one) or one
+marked as ours; a marked one whose manifest cannot be read is cleared and started over, while a
+folder named O.partial without the marker is the user's and is refused, never deleted. O, and
+O.partial, must lie outside the Hugging Face folder (k2jax.paths).
+
+Non-finite weights. Each item's pieces have their NaN / Inf counted on the devices as they are
+built (conversion/loader.py `FiniteCheck`) and the item is not written if any is found: the
+error names the shards and tensors. Restoring counts them again, per item folder and leaf.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import glob
 import hashlib
 import json
 import logging
@@ -64,16 +74,18 @@ import flax.linen as nn
 import jax
 
 from k2jax.config import ConfigError
+from k2jax.conversion.finite import FiniteCheck
 from k2jax.conversion.loader import (
     HFCheckpoint,
     LeafPlan,
     Piece,
     _progress,
     abstract_params,
-    piece_setter,
+    place_piece,
     plan_leaves,
 )
 from k2jax.conversion.safetensors_io import INDEX_NAME, PICKLE_SUFFIXES, CheckpointError
+from k2jax.paths import check_output_path
 
 __all__ = [
     "FORMAT",
@@ -91,6 +103,8 @@ FORMAT = "k2jax-params"
 FORMAT_VERSION = 1
 METADATA_NAME = "k2jax_checkpoint.json"
 MANIFEST_NAME = "convert_manifest.json"
+WORK_MARKER = ".k2jax-convert-work"  # in O.partial: the folder is ours to resume or clear
+_WORK_TMP = ".new"  # suffix of a work folder being created (.O.partial.<random>.new)
 PARAMS_DIR = "params"
 DEFAULT_ITEM_BYTES = 1 << 30
 _SIDE_FILE_LIMIT = 64 << 20  # config, tokenizer, chat template, remote code: small files only
@@ -202,6 +216,7 @@ def convert_checkpoint(
     max_item_bytes: int = DEFAULT_ITEM_BYTES,
     progress: bool | None = None,
     after_item: Callable[[int], None] | None = None,
+    check_finite: bool = True,
 ) -> Path:
     """Converts a Hugging Face Kimi checkpoint folder into a k2jax Orbax folder `out`.
 
@@ -210,9 +225,11 @@ def convert_checkpoint(
     mesh:    devices to spread each piece over while writing (default: the first device)
     max_item_bytes: bytes of pieces per Orbax item (bounds memory; see the module docstring)
     after_item: called with each item's index once it is safely written (progress hooks, tests)
+    check_finite: refuse to write an item holding NaN or Inf weights (CheckpointError naming
+        the shards and tensors); False converts them as they are
 
     Resumes from `out`.partial when a previous run with the same source and options stopped.
-    Returns `out`.
+    `out` and its work folder must lie outside `hf_dir`. Returns `out`.
     """
     import orbax.checkpoint as ocp
 
@@ -220,11 +237,14 @@ def convert_checkpoint(
     from k2jax.sharding import check_mesh_fits, param_shardings
 
     hf_dir, out = Path(hf_dir), Path(out)
+    work = out.with_name(out.name + ".partial")
+    source = {"the Hugging Face checkpoint being converted,": hf_dir}
+    check_output_path(out, source, flag="the output folder")
+    check_output_path(work, source, flag="the conversion's work folder")
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose another --out or remove it first")
     if max_item_bytes < 1:
         raise ValueError(f"max_item_bytes must be positive, got {max_item_bytes}")
-    work = out.with_name(out.name + ".partial")
     with HFCheckpoint(hf_dir) as ckpt:
         experts = experts or ckpt.default_experts
         compute = ComputeConfig(dtype=dtype, param_dtype=dtype, experts=experts)
@@ -260,9 +280,12 @@ def convert_checkpoint(
         total = sum(b for s in stats.values() for b, _ in s)
         n_tensors = sum(t for s in stats.values() for _, t in s)
         read = {"tensors": 0}
+        check = ckpt.finite_check() if check_finite else None
 
         def build(piece):
             arr = ckpt.build_piece(piece)
+            if check is not None:
+                check.count(piece, arr)
             b, t = ckpt.source_stats(piece)
             bar.update(b)
             read["tensors"] += t
@@ -294,6 +317,13 @@ def convert_checkpoint(
                     continue
                 arrays = _tree_target(pieces, build)
                 finish_pending()  # item i-1 is written while item i was read
+                if check is not None:  # one fetch of small counts per item, before writing it
+                    check.raise_if_any(
+                        hf_dir,
+                        f"{out} was not written (the items before are kept in {work}); repair "
+                        "or download again the files named, or convert with check_finite=False "
+                        "to keep the values as they are",
+                    )
                 path = work / plan["items"][i]["dir"]
                 with _output_errors(out, work):
                     _remove(path)
@@ -308,36 +338,88 @@ def convert_checkpoint(
 
 
 def _open_work(work: Path, plan: dict) -> set[int]:
-    """Creates the work folder, or resumes it; returns the items already written."""
-    manifest = work / MANIFEST_NAME
-    if work.exists():
-        try:
-            state = json.loads(manifest.read_text())
-            old = state["plan"]
-            done = {int(i) for i in state["done"]}
-        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise CheckpointError(
-                f"{work} exists but has no readable {MANIFEST_NAME}: it is not the work folder of "
-                "an interrupted conversion; remove it"
-            ) from None
-        if old != plan:
-            keys = [k for k in plan if old.get(k) != plan[k]]
-            raise CheckpointError(
-                f"{work} holds an interrupted conversion with different {', '.join(keys)}; rerun "
-                "with the same source and options to resume it, or remove it to start over"
-            )
-        # Orbax's temporary folders of an item interrupted mid-write are dropped; that item is
-        # not in `done` and will be written again.
-        for tmp in (work / PARAMS_DIR).glob("*.orbax-checkpoint-tmp*"):
+    """Creates the work folder, or resumes it; returns the items already written.
+
+    Ours is a folder with WORK_MARKER (or, written before the marker existed, a manifest of a
+    k2jax plan): it is resumed, or cleared and started over when its manifest cannot be read (a
+    process killed while it was created or finished). A folder without either is not ours and
+    is refused. Leftovers of a creation that was killed are removed.
+    """
+    for tmp in work.parent.glob(f".{glob.escape(work.name)}.*{_WORK_TMP}"):
+        if tmp.is_dir() and ((tmp / WORK_MARKER).is_file() or not any(tmp.iterdir())):
+            log.info("removing %s, left by a conversion killed while it started", tmp)
             _remove(tmp)
-        log.info("resuming %s: %d of %d items already written", work, len(done), len(plan["items"]))
-        return done
+    if work.exists():
+        state = _read_manifest(work)
+        if state is None:
+            if not (work / WORK_MARKER).is_file() and not _left_by_old_k2jax(work):
+                raise CheckpointError(
+                    f"{work} exists but was not made by k2jax convert (no {WORK_MARKER} or "
+                    f"readable {MANIFEST_NAME} inside), and the conversion needs this name for "
+                    "its work folder: move or remove it, or choose another --out"
+                )
+            log.warning(
+                "%s: work folder of an interrupted conversion without a readable %s; clearing "
+                "it and starting over",
+                work,
+                MANIFEST_NAME,
+            )
+            _remove(work)
+        else:
+            old, done = state["plan"], {int(i) for i in state["done"]}
+            if old != plan:
+                keys = [k for k in plan if old.get(k) != plan[k]]
+                raise CheckpointError(
+                    f"{work} holds an interrupted conversion with different {', '.join(keys)}; "
+                    "rerun with the same source and options to resume it, or remove it to start "
+                    "over"
+                )
+            # Orbax's temporary folders of an item interrupted mid-write are dropped (that item
+            # is not in `done` and is written again), and so are torn manifest writes.
+            for tmp in (work / PARAMS_DIR).glob("*.orbax-checkpoint-tmp*"):
+                _remove(tmp)
+            for tmp in work.glob(f".{MANIFEST_NAME}.*.tmp"):
+                _remove(tmp)
+            log.info(
+                "resuming %s: %d of %d items already written", work, len(done), len(plan["items"])
+            )
+            return done
+    # Built whole under a temporary name, then renamed: `work` never exists without its marker.
     try:
-        (work / PARAMS_DIR).mkdir(parents=True)
+        work.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{work.name}.", suffix=_WORK_TMP, dir=work.parent))
     except OSError as e:
         raise OSError(e.errno, f"cannot create {work}: {e.strerror}") from None
-    _write_manifest(work, plan, set())
+    try:
+        (tmp / WORK_MARKER).write_text("the work folder of a `k2jax convert` (resumable)\n")
+        (tmp / PARAMS_DIR).mkdir()
+        _write_manifest(tmp, plan, set())
+        os.rename(tmp, work)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"cannot create {work}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return set()
+
+
+def _read_manifest(work: Path) -> dict | None:
+    """The work folder's manifest ({"plan", "done"}), or None when missing or unreadable."""
+    try:
+        state = json.loads((work / MANIFEST_NAME).read_text())
+        ok = state["plan"].get("format") == FORMAT and all(int(i) >= 0 for i in state["done"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # ValueError: bad JSON
+        return None
+    return state if ok else None
+
+
+def _left_by_old_k2jax(work: Path) -> bool:
+    """Whether `work` holds only an empty params/: what a k2jax without the marker left when it
+    was killed between creating the folder and writing its manifest (nothing to lose)."""
+    entries = list(work.iterdir())
+    params = work / PARAMS_DIR
+    return entries == [params] and params.is_dir() and not any(params.iterdir())
 
 
 def _write_manifest(work: Path, plan: dict, done: set[int]) -> None:
@@ -383,8 +465,11 @@ def _finalize(work: Path, out: Path, hf_dir: Path, plan: dict) -> None:
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     _atomic_write_text(work / METADATA_NAME, json.dumps(meta, indent=1) + "\n")
-    (work / MANIFEST_NAME).unlink()
+    # The manifest and the marker go after the rename: a kill in between leaves a complete `out`
+    # with two stray files, where the other order would leave a work folder to start over.
     os.rename(work, out)
+    (out / MANIFEST_NAME).unlink()
+    (out / WORK_MARKER).unlink(missing_ok=True)  # absent in a folder begun by an older k2jax
     with contextlib.suppress(OSError):
         fd = os.open(out.parent, os.O_RDONLY)
         os.fsync(fd)
@@ -428,10 +513,12 @@ def restore_params(
     shardings=None,
     *,
     progress: bool | None = None,
+    check_finite: bool = True,
 ):
     """The params tree described by `abstract_params` from a converted folder, each leaf with
     its sharding from `shardings` (default: the first local device); float leaves are cast to
-    the requested dtype, INT4 codes stay codes."""
+    the requested dtype, INT4 codes stay codes. check_finite: raise a CheckpointError naming
+    the item folders and leaves if any weight is NaN or Inf (counted on the devices)."""
     import orbax.checkpoint as ocp
 
     folder = Path(folder)
@@ -459,6 +546,13 @@ def restore_params(
     def target(piece):
         return jax.ShapeDtypeStruct(piece.shape, piece.leaf.dtype, sharding=piece.sharding)
 
+    item_of = {p: folder / entry["dir"] for entry, item in zip(meta["items"], items) for p in item}
+
+    def label(piece, entry, half):  # the item folder and the piece's name in it
+        return f"{item_of[piece]}: {'/'.join(filter(None, (piece.leaf.name, piece.key)))}"
+
+    check = FiniteCheck(label) if check_finite else None
+
     with (
         _progress(total, f"loading {folder.name}", progress) as bar,
         ocp.StandardCheckpointer() as ck,
@@ -473,10 +567,18 @@ def restore_params(
                 name = piece.leaf.name
                 if name not in buffers:  # the piece is the whole leaf
                     buffers[name] = arr
+                    if check is not None:
+                        check.count(piece, arr)
                 else:
-                    buffers[name] = piece_setter(piece.leaf)(buffers[name], arr, piece.starts())
+                    buffers[name] = place_piece(buffers[name], piece, arr, check)
                 bar.update(piece.nbytes)
             del restored
+    if check is not None:
+        check.raise_if_any(
+            folder,
+            "convert the Hugging Face checkpoint again (its own load names the tensors), or pass "
+            "check_finite=False to load them anyway",
+        )
     tree = jax.tree.structure(nn.unbox(abstract_params))
     return jax.tree.unflatten(tree, [buffers[leaf.name] for leaf in leaves])
 

@@ -65,6 +65,7 @@ from k2jax.config import ModelConfig
 from k2jax.conversion.hf_names import ParamSlot, slot_to_hf
 from k2jax.conversion.safetensors_io import replace_dir, write_safetensors
 from k2jax.lora import LoraConfig
+from k2jax.paths import check_output_path
 
 log = logging.getLogger(__name__)
 
@@ -296,12 +297,21 @@ def export_peft(
     adapter_config.json) and returns its path. See the module docstring for the layouts and for
     what `strict` refuses. The folder appears complete or not at all (written under a temporary
     name, then renamed); an existing folder is replaced only with `overwrite`.
+
+    base_model_name_or_path goes into adapter_config.json: a hub name as given, a local folder
+    that exists as its absolute path (symlinks resolved), so the adapter finds its base from any
+    working directory. `out_dir` must not be, contain or lie inside that folder.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     out_dir = Path(out_dir)
+    if base_model_name_or_path is not None and Path(base_model_name_or_path).is_dir():
+        base_model_name_or_path = str(Path(base_model_name_or_path).resolve())
+        check_output_path(
+            out_dir, {"the base model,": base_model_name_or_path}, flag="the adapter folder"
+        )
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
     lora_tree = _unbox(lora_tree)

@@ -204,6 +204,7 @@ def load_model(
     compute: ComputeConfig | None = None,
     config_overrides: dict | None = None,
     progress: bool | None = None,
+    check_finite: bool = True,
 ) -> K2Model:
     """Loads a checkpoint folder: Hugging Face (config.json + safetensors, bf16 / FP8 / INT4,
     K2 or K2.5 layout) or converted by `k2jax convert` (Orbax).
@@ -217,6 +218,8 @@ def load_model(
     config_overrides: ModelConfig fields to change after reading config.json, e.g.
         {"latent_norm_eps": 1e-6} to reproduce the reference code's latent-norm eps.
     progress: a progress bar (default: only on a terminal).
+    check_finite: refuse weights holding NaN or Inf (a CheckpointError naming the files and
+        tensors); False loads them as they are.
     """
     from k2jax.conversion.loader import HFCheckpoint, abstract_params
     from k2jax.conversion.orbax_io import is_converted, read_metadata, restore_params
@@ -252,9 +255,11 @@ def load_model(
             check_mesh_fits(mesh, cfg)
             shardings = param_shardings(abstract, mesh)
         if converted:
-            params = restore_params(path, abstract, shardings, progress=progress)
+            params = restore_params(
+                path, abstract, shardings, progress=progress, check_finite=check_finite
+            )
         else:
-            params = hf.load(abstract, shardings, progress=progress)
+            params = hf.load(abstract, shardings, progress=progress, check_finite=check_finite)
     finally:
         if hf is not None:
             hf.close()

@@ -7,14 +7,19 @@ must equal one device's. The folder is written on one mesh (expert=2 × tensor=4
 onto others. Interrupting a conversion (a hook raising after N items, as Ctrl-C would) leaves no
 output folder, and a rerun writes only the missing items and gives the same parameters.
 Failures at the output — out of space (a real EFBIG from RLIMIT_FSIZE in a subprocess and a
-simulated ENOSPC), permission — name the output and leave it absent.
+simulated ENOSPC), permission — name the output and leave it absent. A process killed while the
+work folder is being created (a subprocess exiting inside the manifest write), or a marked work
+folder whose manifest is gone, restarts by itself; a folder in its place that is not ours is
+refused and left as it is; an output that is, contains or lies inside the source is refused.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -31,6 +36,7 @@ from k2jax.conversion.loader import abstract_params, load_params
 from k2jax.conversion.orbax_io import (
     MANIFEST_NAME,
     METADATA_NAME,
+    WORK_MARKER,
     convert_checkpoint,
     read_metadata,
     restore_params,
@@ -169,6 +175,8 @@ def test_interrupted_conversion_resumes_and_matches(tiny, direct, tmp_path):
     ] in pieces and [gate_up, 0, 32, 64] in pieces
     # a crash in the middle of writing an item leaves Orbax's temporary folder behind
     (work / "params" / "item_00003.orbax-checkpoint-tmp-1234").mkdir()
+    # as a k2jax from before the marker left it: a readable manifest alone marks the folder ours
+    (work / WORK_MARKER).unlink()
     stamps = {p.name: p.stat().st_mtime_ns for p in (work / "params").iterdir()}
 
     with pytest.raises(CheckpointError, match="different experts"):
@@ -250,8 +258,6 @@ def test_restore_checks_model_and_files(converted, tmp_path):
     with pytest.raises(ConfigError, match="converted with experts='int4'"):
         k2jax.load_model(converted, experts="bf16")
     broken = tmp_path / "broken"
-    import shutil
-
     shutil.copytree(converted, broken)
     meta = json.loads((broken / METADATA_NAME).read_text())
     shutil.rmtree(broken / meta["items"][0]["dir"])
@@ -262,3 +268,127 @@ def test_restore_checks_model_and_files(converted, tmp_path):
     (broken / METADATA_NAME).write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="format version 99"):
         k2jax.load_model(broken)
+
+
+# ---------------------------------------------------------------------------------------------
+# The work folder: killed at any moment, the rerun resumes or restarts by itself
+
+
+def _snapshot(folder):
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+def _assert_complete(out, tiny):
+    """`out` is a clean converted folder equal to loading the HF folder directly."""
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # nothing left beside it
+    assert not (out / MANIFEST_NAME).exists() and not (out / WORK_MARKER).exists()
+    assert all(p.name.startswith("item_") for p in (out / "params").iterdir())
+    cfg, abstract = _setup(tiny["bf16"], experts="bf16")
+    _assert_same_params(restore_params(out, abstract), load_params(tiny["bf16"], cfg, abstract))
+
+
+def test_killed_while_creating_the_work_folder_restarts_by_itself(tiny, tmp_path):
+    """Killed after the work folder's creation began and before its manifest was written (the
+    process exits inside the manifest write; no clean-up runs): no o.partial exists, only a
+    marked temporary folder, which the rerun removes before converting."""
+    out = tmp_path / "o"
+    script = textwrap.dedent(
+        f"""
+        import os
+        from k2jax.conversion import orbax_io
+        orbax_io._write_manifest = lambda *args: os._exit(9)
+        orbax_io.convert_checkpoint({str(tiny["bf16"])!r}, {str(out)!r}, progress=False)
+        """
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 9, proc.stderr[-3000:]
+    assert not (tmp_path / "o.partial").exists()
+    [left] = tmp_path.iterdir()
+    assert left.name.startswith(".o.partial.") and (left / WORK_MARKER).is_file()
+    convert_checkpoint(tiny["bf16"], out, progress=False)
+    _assert_complete(out, tiny)
+
+
+def test_manifest_write_failing_leaves_no_work_folder(tiny, tmp_path, monkeypatch):
+    from k2jax.conversion import orbax_io
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(orbax_io, "_write_manifest", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint(tiny["bf16"], tmp_path / "o", progress=False)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    convert_checkpoint(tiny["bf16"], tmp_path / "o", progress=False)
+    _assert_complete(tmp_path / "o", tiny)
+
+
+@pytest.mark.parametrize("state", ["no manifest", "torn manifest", "older k2jax"])
+def test_half_made_work_folder_is_cleared_and_restarted(tiny, tmp_path, caplog, state):
+    """Our work folder without a readable manifest — marked, or the empty params/ an older
+    k2jax left when killed right after creating it — is cleared with a log line and converted
+    again from scratch; leftover temporary work folders of ours are removed."""
+    work = tmp_path / "o.partial"
+    (work / "params" / "item_00000").mkdir(parents=True)
+    (work / "params" / "item_00000" / "stale").write_text("from the killed run")
+    (work / WORK_MARKER).write_text("")
+    if state == "torn manifest":
+        (work / MANIFEST_NAME).write_text('{"plan": {"format": "k2j')
+    if state == "older k2jax":
+        shutil.rmtree(work / "params" / "item_00000")
+        (work / WORK_MARKER).unlink()
+    leftover = tmp_path / ".o.partial.a1b2c3.new"
+    (leftover / "params").mkdir(parents=True)
+    (leftover / WORK_MARKER).write_text("")
+    with caplog.at_level(logging.INFO, logger="k2jax.conversion.orbax_io"):
+        convert_checkpoint(tiny["bf16"], tmp_path / "o", progress=False)
+    assert f"{work}: work folder of an interrupted conversion without a readable" in caplog.text
+    assert "starting over" in caplog.text
+    _assert_complete(tmp_path / "o", tiny)
+
+
+def test_folder_in_the_work_folders_place_that_is_not_ours_is_refused(tiny, tmp_path):
+    work = tmp_path / "o.partial"
+    work.mkdir()
+    (work / "notes.txt").write_text("mine")
+    mine = tmp_path / ".o.partial.mine.new"  # named like our temporary folders, but unmarked
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine too")
+    before = _snapshot(tmp_path)
+    for folder in (work, tmp_path / "empty.partial"):
+        folder.mkdir(exist_ok=True)
+        with pytest.raises(CheckpointError) as err:
+            convert_checkpoint(tiny["bf16"], folder.with_suffix(""), progress=False)
+        msg = str(err.value)
+        assert f"{folder} exists but was not made by k2jax convert" in msg
+        assert "move or remove it, or choose another --out" in msg
+    (tmp_path / "empty.partial").rmdir()
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("where", ["is", "inside", "contains", "work"])
+def test_output_overlapping_the_source_is_refused(tiny, tmp_path, capsys, where):
+    """`k2jax convert` never writes where it reads: an --out that is, lies inside or contains
+    the HF folder, or whose work folder (OUT.partial) is the HF folder, is refused before
+    anything is written."""
+    src = tmp_path / "src"
+    hf = src / "ck.partial"
+    shutil.copytree(tiny["bf16"], hf)
+    out = {"is": hf, "inside": hf / "k2t", "contains": src, "work": src / "ck"}[where]
+    before = _snapshot(tmp_path)
+    rc = cli_main(["convert", "--hf-dir", str(hf), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    role = f"the Hugging Face checkpoint being converted, --hf-dir {hf}"
+    expected = {
+        "is": f"--out {out} is {role}; writing there would destroy it",
+        "inside": f"--out {out} lies inside {role}; writing there would change",
+        "contains": f"--out {out} contains {role}; replacing it would destroy that",
+        "work": f"--out's work folder {src / 'ck.partial'} is {role};",
+    }[where]
+    assert expected in err
+    assert _snapshot(tmp_path) == before

@@ -29,6 +29,7 @@ from k2jax.conversion.safetensors_io import SafetensorsFile
 from k2jax.lora import LoraConfig
 from k2jax.model import ComputeConfig, Transformer
 from k2jax.model.transformer import init_variables
+from k2jax.paths import OutputPathError
 
 TOL = 1e-4
 
@@ -232,3 +233,25 @@ def test_errors_and_overwrite(exported, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a clean export warns about nothing
         export_peft(cfg, lc, tree, None, tmp_path / "z")
+
+
+def test_base_model_path_is_absolute_and_never_the_output(tmp_path, monkeypatch):
+    """A local base folder is written as its absolute path (the adapter then finds it from any
+    working directory); a hub name as given. The adapter folder cannot be the base."""
+    cfg = model_config()
+    lc = LORAS["down"]
+    tree = random_lora(cfg, lc, 0)
+    (tmp_path / "ckpt" / "base").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    out = export_peft(cfg, lc, tree, None, "a", base_model_name_or_path="ckpt/base")
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == str(tmp_path.resolve() / "ckpt" / "base")
+    out = export_peft(cfg, lc, tree, None, "b", base_model_name_or_path="moonshotai/Kimi-K2")
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == "moonshotai/Kimi-K2"
+    for target in ("ckpt/base", "ckpt"):
+        with pytest.raises(OutputPathError, match=f"the adapter folder {target} (is|contains)"):
+            export_peft(
+                cfg, lc, tree, None, target, base_model_name_or_path="ckpt/base", overwrite=True
+            )
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["base"]

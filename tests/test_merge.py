@@ -43,6 +43,7 @@ from k2jax.conversion.merge import MergeError, merge_lora, quantize_fp8_block
 from k2jax.conversion.safetensors_io import CheckpointIndex, write_sharded_checkpoint
 from k2jax.lora import LoraConfig
 from k2jax.model import ComputeConfig, Transformer
+from k2jax.paths import OutputPathError
 from k2jax.quant import quantize_int4
 from k2jax.testing import make_tiny_checkpoint
 
@@ -336,3 +337,21 @@ def test_errors_leave_nothing_behind(fine_tune, tmp_path):
     assert not np.array_equal(_read_all(out)[name], stored[name])
     name = "model.layers.0.self_attn.q_a_proj.weight"
     assert np.array_equal(_read_all(out)[name], stored[name])
+
+
+@pytest.mark.parametrize("where", ["is", "lies inside", "contains"])
+def test_out_on_the_base_is_refused_even_with_overwrite(fine_tune, tmp_path, where):
+    """merge_lora never writes where it reads: the base, a folder inside it (a later merge would
+    copy it as part of the base), or a folder around it — whatever `overwrite` says."""
+    cfg, lora, qk_clip = fine_tune
+    base = make_tiny_checkpoint(tmp_path / "ckpts" / "base", "bf16", seed=1, tokenizer=False)
+    out = {"is": base, "lies inside": base / "merged", "contains": tmp_path / "ckpts"}[where]
+    files = sorted(tmp_path.rglob("*"))
+    before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in files}
+    for overwrite in (False, True):
+        with pytest.raises(OutputPathError) as err:
+            merge_lora(base, cfg, LORA, lora, qk_clip, out, overwrite=overwrite)
+        prefix = f"the merged checkpoint folder {out} {where} its own base checkpoint, {base};"
+        assert str(err.value).startswith(prefix)
+        assert sorted(tmp_path.rglob("*")) == files
+        assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in files} == before
