@@ -107,12 +107,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-thinking", action="store_true", help="kimi_k25's instant mode")
     parser.add_argument("--system", help="a system prompt")
     parser.add_argument("--prompt", help="answer this one message and exit (no REPL)")
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="longest answer, tokens")
     parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, help="keep the most likely tokens up to this mass"
+    )
+    parser.add_argument(
+        "--min-p", type=float, default=0.0, help="drop tokens below this × the top probability"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="compute and parameter dtype",
+    )
 
 
 def load(

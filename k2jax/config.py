@@ -448,6 +448,12 @@ def _config_dir() -> Path:
 CONFIG_DIR = _config_dir()
 
 
+def find_config_file(name: str | os.PathLike) -> Path:
+    """A config file by path, or by name among the packaged configs (k2jax/configs)."""
+    path = Path(name)
+    return path if path.is_file() else _resolve_include(str(name), None)
+
+
 def _resolve_include(name: str, including: Path | None) -> Path:
     candidates = []
     if including is not None:
@@ -595,9 +601,7 @@ def load_config(
         files = [files]
     bindings = []
     for f in files:
-        path = Path(f)
-        if not path.is_file():
-            path = _resolve_include(str(f), None)
+        path = find_config_file(f)
         bindings += parse_bindings(path.read_text(), filename=str(path))
     bindings += [parse_override(o) for o in overrides]
     return bind_sections(bindings, sections, base=base)
@@ -635,7 +639,7 @@ def load_model_config(
         files = [files]
     bindings = []
     for f in files:
-        path = Path(f) if Path(f).is_file() else _resolve_include(str(f), None)
+        path = find_config_file(f)
         bindings += parse_bindings(path.read_text(), filename=str(path))
     bindings += [parse_override(o) for o in overrides]
     model_bindings = [b for b in bindings if b[0] == "model"]

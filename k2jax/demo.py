@@ -16,13 +16,13 @@ Every step is resumable: a second `k2jax demo --out DIR` reuses the checkpoint, 
 skips the training (the run resumes from its newest checkpoint) and rewrites the adapter.
 The random base answers with noise; the fine-tune answers like a pirate (every training answer
 opens with "Arr, matey!" and closes with "Yo ho ho, fair winds to ye!"). The last line says
-whether the style was learned, so a script (or CI) can check the run.
+whether the style was learned, with how many answers show each marker (`style_verdict`), so a
+script (or CI) can check the run; the exit status is 0 when learned, 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from pathlib import Path
 
@@ -32,7 +32,6 @@ PROMPTS = (
     "How much is 2 plus 3?",
     "What does a cow say?",
 )
-GREETING = "Arr, matey!"
 DEFAULT_STEPS = 60
 
 
@@ -48,9 +47,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    # Orbax and jax narrate every save and backend probe at INFO; the demo shows its own steps.
-    for name in ("absl", "jax", "orbax"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     result = demo(
         args.out,
         steps=args.steps,
@@ -90,11 +86,8 @@ def demo(
         print(
             f"  user:      {q}\n  base:      {_one_line(before)}\n  fine-tune: {_one_line(after)}"
         )
-    learned = all(a.startswith(GREETING) for _, a in answers) and not any(
-        b.startswith(GREETING) for b, _ in answers
-    )
-    verdict = "learned" if learned else "NOT learned (train longer: --steps)"
-    print(f"style {verdict}; {time.perf_counter() - t0:.0f} s in all; everything is under {out}")
+    learned, verdict = style_verdict(answers)
+    print(f"{verdict}; {time.perf_counter() - t0:.0f} s in all; everything is under {out}")
     return {
         "checkpoint": base,
         "run_dir": run_dir,
@@ -103,6 +96,28 @@ def demo(
         "answers": answers,
         "style_learned": learned,
     }
+
+
+def style_verdict(answers: list[tuple[str, str]]) -> tuple[bool, str]:
+    """(learned, the verdict line) for (base answer, fine-tuned answer) pairs.
+
+    Learned: every fine-tuned answer opens with the demo data's greeting, at least one closes
+    with its sign-off (a short answer budget or a repetition loop of the tiny model may cut the
+    others short), and no base answer shows either. The line always says how many answers show
+    each marker, so it claims no more than the answers do."""
+    from k2jax.data.make_demo_chats import GREETING, SIGN_OFF
+
+    n = len(answers)
+    opens = sum(a.strip().startswith(GREETING) for _, a in answers)
+    closes = sum(SIGN_OFF in a for _, a in answers)
+    base_styled = sum(b.strip().startswith(GREETING) or SIGN_OFF in b for b, _ in answers)
+    counts = (
+        f"{opens}/{n} fine-tuned answers open with {GREETING!r}, {closes}/{n} close with "
+        f"{SIGN_OFF!r}, {base_styled}/{n} base answers show either"
+    )
+    if n and opens == n and closes and not base_styled:
+        return True, f"style learned ({counts})"
+    return False, f"style NOT learned ({counts}; train longer: --steps)"
 
 
 def _checkpoint(folder: Path) -> Path:

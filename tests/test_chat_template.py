@@ -425,12 +425,54 @@ def test_split_also_works_for_k2(tok):
         ),
         ([HI[0], {"role": "user", "tool_calls": [{}]}, HI[1]], "invalid message", "only assistant"),
         ([], "invalid message", "non-empty list"),
+        ([{"role": "user"}, HI[1]], "missing content", r"message 0 \(user\): content is missing"),
+        (
+            [{"role": "system", "content": None}, *HI],
+            "missing content",
+            r"message 0 \(system\): content is null",
+        ),
+        (
+            [HI[0], {"role": "assistant", "content": None}],
+            "missing content",
+            r"message 1 \(assistant\): content is null and there is no reasoning_content or "
+            "tool_calls: nothing to learn",
+        ),
+        (
+            [HI[0], {"role": "assistant", "content": "", "tool_calls": []}],
+            "missing content",
+            "content is empty",
+        ),
+        (
+            [*TOOL_CHAT[:2], {"role": "tool", "tool_call_id": "call_a"}, *TOOL_CHAT[3:]],
+            "missing content",
+            r"message 2 \(tool\): content is missing",
+        ),
+        # A trailing question is no example, but a malformed one makes the line bad.
+        ([*HI, {"role": "user", "content": None}], "missing content", "message 2"),
     ],
 )
 def test_bad_conversations(tok, messages, reason, match):
     with pytest.raises(ChatFormatError, match=match) as e:
         training_examples(messages, tok, "kimi_k2_thinking")
     assert e.value.reason == reason
+
+
+def test_absent_content_where_it_is_legitimate(tok):
+    # An assistant turn of only tool calls (OpenAI's form) or only reasoning has something to
+    # learn; an empty tool result or user message is still a message.
+    calls_only = [
+        {"role": "user", "content": ""},
+        {"role": "assistant", "tool_calls": TOOL_CHAT[1]["tool_calls"]},
+        {"role": "tool", "tool_call_id": "call_a", "content": ""},
+        {"role": "tool", "tool_call_id": "call_b", "content": []},
+        {"role": "assistant", "content": None, "reasoning_content": "Both are done."},
+    ]
+    [example] = training_examples(calls_only, tok, "kimi_k2_thinking", split=False)
+    assert tok.decode(example.tokens).endswith(A + "<think>Both are done.</think>" + E)
+    # Rendering a chat history applies no training rule: a model may have replied nothing.
+    history = [HI[0], {"role": "assistant", "content": ""}, HI[0]]
+    expected = SYS + U + "Hi" + E + A + E + U + "Hi" + E + A
+    check(history, "kimi_k2", expected, tok, add_generation_prompt=True)
 
 
 def test_template_names():

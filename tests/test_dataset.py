@@ -168,6 +168,9 @@ def test_thinking_lines_split_into_turns(tok):
     assert len(conversation_examples(json.dumps(chat(1, turns=3)), "f:9", tok, "kimi_k2")) == 1
 
 
+MISSING = "missing content"
+
+
 @pytest.mark.parametrize(
     "line, reason",
     [
@@ -179,6 +182,17 @@ def test_thinking_lines_split_into_turns(tok):
         ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant turn"),
         ('{"messages": "hi"}', "unknown format"),
         ('{"tools": "{oops", "messages": []}', "invalid tools"),
+        ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}', MISSING),
+        ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant"}]}', MISSING),
+        ('{"conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]}', MISSING),
+        (
+            '{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": null}]}',
+            MISSING,
+        ),
+        (
+            '{"conversations": [{"from": "human", "value": "q"}, {"from": "function_call"}]}',
+            MISSING,
+        ),
     ],
 )
 def test_bad_line_reasons(tok, line, reason):
@@ -248,6 +262,31 @@ def test_bad_examples_are_skipped_counted_and_reported(tok, messy_file, caplog):
         "2 examples, 4 skipped (invalid JSON: 1, no assistant turn: 1, too long: 1, unknown role: 1)"
     )
     assert any(it.last_epoch_summary in r.getMessage() for r in caplog.records)
+
+
+def test_missing_content_is_skipped_with_a_warning_or_raised(tok, tmp_path, caplog):
+    null_system = {"messages": [{"role": "system", "content": None}, *chat(2)["messages"]]}
+    null_tool = {
+        "messages": [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "tool_calls": [{"function": {"name": "w", "arguments": "{}"}}]},
+            {"role": "tool", "content": None},
+            {"role": "assistant", "content": "Sunny."},
+        ]
+    }
+    path = write_jsonl(tmp_path / "m.jsonl", [chat(0), null_system, null_tool, chat(1)])
+    with caplog.at_level(logging.INFO, logger="k2jax.data.dataset"):
+        it = packed_batches(cfg(path, shuffle=False, num_epochs=1), tok)
+        assert len(segments(list(it))) == 2  # lines 1 and 4
+    assert it.last_epoch_summary.endswith("2 examples, 2 skipped (missing content: 2)")
+    for where, what in [(2, "message 0 (system): content is null"), (3, "message 2 (tool)")]:
+        assert any(
+            r.levelno == logging.WARNING
+            and f"m.jsonl:{where}: missing content: {what}" in r.getMessage()
+            for r in caplog.records
+        )
+    with pytest.raises(DataError, match=r"m.jsonl:2: missing content: message 0 \(system\)"):
+        next(packed_batches(cfg(path, shuffle=False, on_bad_example="error"), tok))
 
 
 def test_bad_examples_raise_in_error_mode(tok, messy_file):

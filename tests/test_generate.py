@@ -362,3 +362,20 @@ def test_generate_on_a_mesh(checkpoint, tokenizer):
     a = plain.generate("Ahoy there", 12, temperature=0.0)
     b = sharded.generate("Ahoy there", 12, temperature=0.0)
     assert a.tokens == b.tokens and a.text == b.text == tokenizer.decode(a.tokens)
+
+
+def test_bfloat16_on_cpu(checkpoint, monkeypatch, capsys):
+    """The defaults are bfloat16: XLA:CPU cannot run some unfused bf16×bf16→f32 dots (the MLA
+    decode's absorbed query, "Unsupported element type for DotThunk::Execute"), so k2jax's
+    mixed-precision contractions widen their operands on CPU (k2jax/ops/einsum.py). Generation,
+    logits on a mesh and the chat command all run in bf16 here, and agree with float32 closely."""
+    bf16 = k2jax.load_model(checkpoint)  # dtype="bfloat16", the default
+    f32 = k2jax.load_model(checkpoint, dtype="float32")
+    out = bf16.generate("Ahoy there", 6, temperature=0.0)
+    assert len(out.tokens) == 6 and "\x00" not in out.text
+    tokens = [[1, 2, 3, 4, 5, 6, 7, 8]]
+    assert rel_err(bf16.logits(tokens), f32.logits(tokens)) < 0.1  # bf16 rounding, not garbage
+    sharded = k2jax.load_model(checkpoint, mesh=k2jax.sharding.make_mesh(expert=4, tensor=2))
+    assert len(sharded.generate("Ahoy there", 6, temperature=0.0).tokens) == 6
+    text = _chat(monkeypatch, capsys, ["--model", str(checkpoint), "--prompt", "Hi"])
+    assert text.endswith("\n") and "\x00" not in text

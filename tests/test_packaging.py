@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import site
 import subprocess
 import sys
@@ -9,8 +10,19 @@ from pathlib import Path
 
 from helpers import ROOT
 
+# What the wheel is built from, copied out first: building in place would leave build/ and
+# k2jax.egg-info/ behind in the repository.
+SOURCES = ("pyproject.toml", "README.md", "k2jax", "sharding", "conversion", "configs")
+
 
 def test_wheel_installs_into_fresh_venv(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / name, src / name)
     wheel_dir = tmp_path / "wheel"
     subprocess.run(
         [
@@ -23,7 +35,7 @@ def test_wheel_installs_into_fresh_venv(tmp_path):
             "-q",
             "-w",
             str(wheel_dir),
-            str(ROOT),
+            str(src),
         ],
         check=True,
         capture_output=True,

@@ -1,6 +1,8 @@
 """QK-clip on the tiny model: after clipping, every clipped head's max logit on the same batch is
 τ (≤ τ within 1%), every other head is unchanged — with K2's τ = 100 on adapters grown to
-produce logits far above it, and with a small τ on ordinary ones."""
+produce logits far above it, and with a small τ on ordinary ones. And the thresholds: τ read in
+pre-training units (× the YaRN factor m²), never below a head's own max at the first step, so the
+model a run starts from is never rescaled by QK-clip itself."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from k2jax.config import CONFIG_DIR, load_model_config
 from k2jax.lora import LoraConfig
 from k2jax.model import ComputeConfig, Transformer
 from k2jax.model.transformer import init_variables
-from k2jax.optim import update_qk_clip
+from k2jax.optim import logit_scale_factor, set_thresholds, unset_thresholds, update_qk_clip
 
 F32 = ComputeConfig(dtype="float32", param_dtype="float32", remat="none")
 
@@ -35,6 +37,7 @@ def tiny():
         _, aux = model.apply(variables, tokens, tokens, mask, method=Transformer.loss)
         return {k: a["max_logit"] for k, a in aux.items()}
 
+    max_logits.cfg = cfg
     return v, max_logits
 
 
@@ -106,3 +109,43 @@ def test_small_tau_in_every_layer(tiny):
         S = after
     for s in S.values():
         assert np.all(s <= tau * 1.01), s
+
+
+def test_thresholds_never_rescale_the_starting_model(tiny):
+    """τ below every head's logit: the old rule (S > τ) would clip every head at the first step.
+    The thresholds are max(τ·m², S at the first step): nothing is clipped then, whatever the
+    heads' range; later, a head that grows past its own starting max is clipped back to it."""
+    v, max_logits = tiny
+    m2 = logit_scale_factor(max_logits.cfg)
+    assert m2 == pytest.approx((0.1 * np.log(64.0) + 1) ** 2)  # K2-Thinking's YaRN, factor 64
+    S = {k: np.asarray(x) for k, x in max_logits(v).items()}
+    flat = np.concatenate([s.ravel() for s in S.values()])
+    # τ between the heads in pre-training units: some heads are above τ·m², all above τ.
+    tau = 0.9 * float(flat.min())
+    assert (flat > tau).all() and (flat > tau * m2).any() and (flat <= tau * m2).any()
+    aux = {k: {"max_logit": jnp.asarray(x)} for k, x in S.items()}
+    _, old_clipped = update_qk_clip(v["qk_clip"], aux, tau)
+    assert int(old_clipped) == flat.size  # the rule this replaces clips the whole model
+
+    thr = set_thresholds(unset_thresholds(v["qk_clip"]), aux, tau * m2)
+    for stack, key in (("dense_layers", "dense"), ("moe_layers", "moe")):
+        np.testing.assert_allclose(np.asarray(thr[stack]), np.maximum(tau * m2, S[key]))
+    qk, clipped = update_qk_clip(v["qk_clip"], aux, thr)
+    assert int(clipped) == 0
+    for node in jax.tree.leaves(qk):
+        np.testing.assert_array_equal(np.asarray(node), 1.0)
+    # set once: a later step keeps them
+    again = set_thresholds(thr, {k: {"max_logit": 2 * a["max_logit"]} for k, a in aux.items()}, 0)
+    for stack in thr:
+        np.testing.assert_array_equal(np.asarray(again[stack]), np.asarray(thr[stack]))
+
+    # The last layer's heads grow (LoRA): those past their threshold are clipped back to it.
+    grown = {**v, "lora": _grow_last_layer_query_key(v["lora"], 60.0)}
+    G = {k: np.asarray(x) for k, x in max_logits(grown).items()}
+    qk, clipped = update_qk_clip(
+        v["qk_clip"], {k: {"max_logit": jnp.asarray(x)} for k, x in G.items()}, thr
+    )
+    over = G["moe"] > np.asarray(thr["moe_layers"])
+    assert over[-1].any() and int(clipped) == int(over.sum())
+    after = np.asarray(max_logits({**grown, "qk_clip": qk})["moe"])
+    np.testing.assert_allclose(after[over], np.asarray(thr["moe_layers"])[over], rtol=1e-4)

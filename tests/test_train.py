@@ -64,7 +64,7 @@ def spec_a() -> StepSpec:
 
 def spec_b() -> StepSpec:
     """The other knobs: bf16 compute over INT4 experts, AdamW, trainable router and norms, a QK-clip
-    τ that bites, LoRA dropout, z-loss."""
+    τ below every head's logit, LoRA dropout, z-loss."""
     rc = run_config(
         "unused",
         'compute.dtype="bfloat16"',
@@ -72,7 +72,7 @@ def spec_b() -> StepSpec:
         'compute.experts="int4"',
         'optim.name="adamw"',
         "optim.learning_rate=0.005",
-        "optim.qk_clip_tau=0.3",
+        "optim.qk_clip_tau=0.01",
         "train.train_router=True",
         "train.train_norms=True",
         "lora.dropout=0.05",
@@ -161,7 +161,9 @@ def test_loss_falls_with_adamw_in_bf16_over_an_int4_checkpoint(batch, int4_check
     for (path, a), b in zip(flat, jax.tree.leaves(frozen_before)):
         assert a.dtype == b.dtype and np.array_equal(a, b), jax.tree_util.keystr(path)
     assert "weight" not in frozen["moe_layers"]["mlp"]["gate"]  # moved, not duplicated
-    # QK-clip ran after the updates (τ = 0.3 is below some heads' logits)
+    # QK-clip: τ = 0.01 is below every head's logit, yet the first step clips nothing (the
+    # thresholds are the heads' own step-1 max); later steps clip heads that grow past it.
+    assert int(metrics[0]["qk_clipped_heads"]) == 0
     assert sum(int(m["qk_clipped_heads"]) for m in metrics) > 0
     for node in jax.device_get(state["qk_clip"]).values():
         f = node["self_attn"]["scales"]
@@ -295,23 +297,43 @@ class _Batches:
         pass
 
 
-def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, batch):
-    rc = run_config(tmp_path / "run", "train.max_nonfinite_steps=3", "checkpoint.every=0")
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, batch, caplog):
+    """Skipped steps change nothing; no checkpoint is written inside a streak; at the stop, the
+    checkpoint of the state that produced the streak is moved aside, so a rerun resumes from the
+    last state whose own step was finite. A finite but dead run (zero gradient) is warned of."""
+    rc = run_config(tmp_path / "run", "train.max_nonfinite_steps=3", "checkpoint.every=1")
     trainer = Trainer(rc)
     trainer.setup()
-    good = trainer.fit(max_steps=1)
-    assert good[0]["finite"]
+    good = trainer.fit(max_steps=2)
+    assert all(r["finite"] for r in good)
     before = to_host(trainer.state["trainable"])
     bad = dict(batch, loss_mask=np.full_like(batch["loss_mask"], np.nan))
     trainer.data = _Batches([bad] * 5)
-    with pytest.raises(NonFiniteError, match="3 consecutive steps had a non-finite"):
+    with pytest.raises(NonFiniteError, match="3 consecutive steps had a non-finite") as e:
         trainer.fit()
+    assert "state after step 2 is taken to have diverged" in str(e.value)
+    assert "the newest checkpoint is step 1" in str(e.value)
     for a, b in zip(jax.tree.leaves(to_host(trainer.state["trainable"])), jax.tree.leaves(before)):
         np.testing.assert_array_equal(a, b)  # skipped updates change nothing
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["nonfinite_streak"] for r in records] == [0, 1, 2, 3]
+    assert [r["nonfinite_streak"] for r in records] == [0, 0, 1, 2, 3]
     assert records[-1]["loss"] is None and records[-1]["finite"] is False
+    assert trainer.checkpointer.all_steps() == [1]  # none written in the streak; 2 set aside
+    assert (tmp_path / "run" / "checkpoints-nonfinite" / "2").is_dir()
     trainer.close()
+    with Trainer(rc) as again:  # resumes from the last finite state
+        again.setup()
+        assert again.step == 1
+
+    # A dead run: nothing to learn (no loss tokens) gives a zero gradient, finite; warned once.
+    dead = dict(batch, loss_mask=np.zeros_like(batch["loss_mask"]))
+    with Trainer(run_config(tmp_path / "dead", "checkpoint.every=0")) as trainer:
+        trainer.setup()
+        trainer.data = _Batches([dead] * 4)
+        with caplog.at_level("WARNING", logger="k2jax"):
+            trainer.fit(max_steps=4)
+    warnings = [r.getMessage() for r in caplog.records if "nothing is learning" in r.getMessage()]
+    assert len(warnings) == 1 and "steps 1-3" in warnings[0], warnings
 
 
 def test_trainer_on_a_checkpoint_eval_tensorboard_and_load_run(tmp_path, int4_checkpoint):
@@ -367,6 +389,61 @@ def test_trainer_on_a_checkpoint_eval_tensorboard_and_load_run(tmp_path, int4_ch
         Trainer(rc.replace(train={"resume": False})).setup()
     with pytest.raises(ConfigError, match="different `lora` section"):
         Trainer(rc.replace(lora={"rank": 4})).setup()
+
+
+def test_setup_checks_come_first_and_say_what_to_do(tmp_path):
+    """A mesh larger than the machine names a mesh that fits and how to plan the big one; a
+    missing model.path is reported before the mesh; a run folder that is a file is named."""
+    from k2jax.sharding import MeshError
+
+    with pytest.raises(MeshError, match=r"needs 16 devices, but this machine has 8 \(cpu\)") as e:
+        Trainer(run_config(tmp_path / "a", "mesh.expert=16", "data.batch_size=16")).setup()
+    assert "--set mesh.expert=8" in str(e.value) and "k2jax plan" in str(e.value)
+    missing = tmp_path / "no-such-checkpoint"
+    with pytest.raises((ConfigError, OSError), match="no-such-checkpoint"):
+        rc = run_config(tmp_path / "b", f"model.path='{missing}'", "model.preset=None")
+        Trainer(rc.replace(mesh={"expert": 16})).setup()
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    with pytest.raises(ConfigError, match=f"train.run_dir: {a_file} is a file, not a folder"):
+        Trainer(run_config(a_file)).setup()
+    # Outputs never in, around or equal to an input: a run folder inside the data folder would
+    # add its metrics.jsonl to the data; a checkpoint folder equal to it would replace it.
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "chats.jsonl").write_text(DEMO_CHATS.read_text())
+    inside = run_config(data / "run", f"data.path='{data}'")
+    with pytest.raises(ConfigError, match="lies inside the training data, data.path"):
+        Trainer(inside).setup()
+    around = run_config(tmp_path / "c", f"data.path='{data}'", f"checkpoint.dir='{data}'")
+    with pytest.raises(ConfigError, match="checkpoint.dir .* is the training data"):
+        Trainer(around).setup()
+    assert sorted(p.name for p in data.iterdir()) == ["chats.jsonl"]  # nothing written there
+
+
+def test_a_run_folders_history_is_never_replaced(tmp_path, caplog):
+    """Another run pointed at a folder with a run's metrics is refused (the metrics intact); a
+    resume with changed settings keeps the old config.gin and names the changes."""
+    run = tmp_path / "run"
+    with Trainer(run_config(run, "checkpoint.every=0")) as trainer:
+        trainer.fit(max_steps=2)
+    metrics = (run / "metrics.jsonl").read_text()
+    elsewhere = tmp_path / "elsewhere"
+    other = run_config(run, "checkpoint.every=0", f"checkpoint.dir='{elsewhere}'")
+    with pytest.raises(ConfigError, match="holds 2 steps of another run"):
+        Trainer(other).setup()
+    assert (run / "metrics.jsonl").read_text() == metrics
+    old_config = (run / "config.gin").read_text()
+    changed = run_config(run, "checkpoint.every=0", "train.seed=7", "log.every=2")
+    with caplog.at_level("WARNING", logger="k2jax"), Trainer(changed) as trainer:
+        trainer.fit(max_steps=1)
+    [kept] = (run / "config_history").iterdir()
+    assert kept.name == "step_000002.gin" and kept.read_text() == old_config
+    assert "train.seed = 7" in (run / "config.gin").read_text()
+    [warning] = [r.getMessage() for r in caplog.records if "changed settings" in r.getMessage()]
+    assert "train.seed: 0 → 7" in warning and "log.every: 5 → 2" in warning
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    assert not (run / "eval.jsonl").exists()  # no eval.path: no empty eval file
 
 
 def test_run_config_round_trip_and_errors(tmp_path):

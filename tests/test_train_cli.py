@@ -1,6 +1,7 @@
 """`k2jax train --config configs/tiny_train.gin` on CPU: the loss falls, a SIGKILL in the middle
-of writing a checkpoint loses nothing but that checkpoint, and the resumed run's per-step losses
-equal those of an uninterrupted run."""
+of writing a checkpoint loses nothing but that checkpoint, Ctrl-C while the step compiles or while
+a step runs saves a consistent state, and the resumed run's per-step losses equal those of an
+uninterrupted run."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -18,6 +20,7 @@ from k2jax.config import CONFIG_DIR
 from k2jax.train import RunConfig, Trainer
 from k2jax.train.checkpoint import SAVE_DELAY_ENV
 from k2jax.train.tensorboard import crc32c, masked_crc32c, read_events
+from k2jax.train.trainer import STEP_DELAY_ENV
 
 TINY_TRAIN = CONFIG_DIR / "tiny_train.gin"
 
@@ -126,6 +129,63 @@ def test_sigkill_during_a_save_then_resume_is_exact(tmp_path, straight_run):
     assert {e["step"] for e in events[1] if "train/loss" in e["scalars"]} == set(range(5, 21))
 
 
+def _interrupt_when(cmd, env, ready) -> str:
+    """Runs `cmd`, sends SIGINT (Ctrl-C) once `ready(output so far)` holds, returns the output;
+    the command must exit with 130 (interrupted)."""
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.time() + 300
+    try:
+        while not ready("".join(lines)):
+            if proc.poll() is not None:
+                reader.join(5)
+                pytest.fail(f"exited early ({proc.returncode}):\n{''.join(lines)}")
+            if time.time() > deadline:
+                pytest.fail(f"not ready within 300 s:\n{''.join(lines)}")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(10)
+    out = "".join(lines)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "absl" not in out, out  # quiet: no library narration
+    return out
+
+
+def test_ctrl_c_while_compiling_and_during_a_step_then_resume_is_exact(tmp_path, straight_run):
+    """The batch is fetched before its step runs: Ctrl-C in between must save the state with the
+    data position from before the fetch (not skip a batch on resume)."""
+    run_dir = tmp_path / "run"
+    cache = tmp_path / "jax_cache"
+    cmd = _command(run_dir)
+    # 1. Ctrl-C while the first step compiles: nothing trained, nothing to save.
+    out = _interrupt_when(cmd, _env(cache), lambda text: "compiling the train step" in text)
+    assert "nothing new to save" in out
+    # 2. Ctrl-C while step 7 runs (its batch fetched; test hook holds the step): step 6 saved.
+    metrics = run_dir / "metrics.jsonl"
+    out = _interrupt_when(
+        cmd,
+        _env(cache, **{STEP_DELAY_ENV: "7:300"}),
+        lambda text: metrics.is_file() and len(metrics.read_text().splitlines()) >= 6,
+    )
+    assert "saving step 6" in out
+    # 3. resume to the end: every step's loss equals the uninterrupted run's
+    done = subprocess.run(cmd, env=_env(cache), cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "/checkpoints/6" in done.stderr
+    resumed = _losses(run_dir)
+    assert sorted(resumed) == list(range(1, 21))
+    for step, loss in straight_run.items():
+        assert rel_err(resumed[step], loss) <= 1e-6, (step, resumed[step], loss)
+
+
 def test_crc32c_known_values():
     assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value (RFC 3720)
     assert crc32c(b"") == 0
@@ -148,3 +208,23 @@ def test_print_config_and_bad_override(tmp_path):
     assert out.returncode == 0 and "optim.qk_clip_tau = 100.0" in out.stdout
     bad = subprocess.run([*cmd, "--set", "lora.rnk=4"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "'lora' has no key 'rnk'" in bad.stderr
+
+
+def test_bad_data_is_reported_before_compiling_and_quietly(tmp_path):
+    """A bad line (on_bad_example = "error", as tiny_train.gin) is reported by the data check in
+    set-up — before the train step compiles — as one line naming file:line, without a traceback
+    (also none from Orbax at interpreter exit); the run writes no checkpoint."""
+    data = tmp_path / "chats.jsonl"
+    good = (
+        '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}'
+    )
+    data.write_text(f"{good}\n{good}\n{{not json\n")
+    run_dir = tmp_path / "run"
+    cmd = [*_command(run_dir), "--set", f"data.path={data}"]
+    out = subprocess.run(cmd, env=_env(tmp_path / "c"), cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"{data}:3: invalid JSON" in out.stderr
+    text = out.stdout + out.stderr
+    for word in ("Traceback", "compiling the train step", "absl", "Unable to initialize"):
+        assert word not in text, text
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())

@@ -3,7 +3,7 @@
 * `tokenizer` — `KimiTokenizer`: Kimi's tiktoken BPE + 256 special ids, from a checkpoint folder.
 * `chat` — the kimi_k2 / kimi_k2_thinking / kimi_k25 templates: text, token ids and loss mask.
 * `dataset` — `DataConfig` and `PackedBatches`: JSONL (OpenAI or ShareGPT) -> shuffled, packed,
-  host-sharded, resumable numpy batches.
+  host-sharded, resumable numpy batches; `validate_data`: every line checked before training.
 * `testing` — `write_tiny_tokenizer`: a small real vocabulary in Kimi's file layout.
 * `DEMO_CHATS` — the shipped pirate-style demo set (written by `make_demo_chats`).
 """
@@ -16,13 +16,21 @@ from k2jax.data.chat import (
     ChatFormatError,
     ChatTemplate,
     EncodedChat,
+    check_conversation,
     encode_chat,
     get_template,
     render,
     split_turns,
     training_examples,
 )
-from k2jax.data.dataset import DataConfig, DataError, PackedBatches, packed_batches
+from k2jax.data.dataset import (
+    DataCheck,
+    DataConfig,
+    DataError,
+    PackedBatches,
+    packed_batches,
+    validate_data,
+)
 from k2jax.data.tokenizer import KimiTokenizer, TokenizerError
 
 DEMO_CHATS = Path(__file__).resolve().parent / "demo_chats.jsonl"
@@ -33,16 +41,19 @@ __all__ = [
     "TEMPLATE_NAMES",
     "ChatFormatError",
     "ChatTemplate",
+    "DataCheck",
     "DataConfig",
     "DataError",
     "EncodedChat",
     "KimiTokenizer",
     "PackedBatches",
     "TokenizerError",
+    "check_conversation",
     "encode_chat",
     "get_template",
     "packed_batches",
     "render",
     "split_turns",
     "training_examples",
+    "validate_data",
 ]

@@ -48,6 +48,12 @@ content string is encoded as plain text, so a user typing `<|im_end|>` cannot en
 between two structural tokens is encoded in one piece, which gives the same ids as tokenizing the
 whole rendered string with Moonshot's tokenizer (specials split the text there too).
 
+**Checks.** Everything rendering can reject (roles, field types, content parts, tool-call shapes,
+tool results that answer no call) is checked in one place before anything is written, without a
+tokenizer; `check_conversation` adds what a conversation needs to be trained on (content on every
+message, something to learn in every assistant message, at least one of them). `training_examples`
+applies both; the data check (`dataset.validate_data`) runs `check_conversation` on every line.
+
 K2.5's default system prompt: Tinker's K2.5 renderer inserts K2's, the K2.5 Jinja template does
 not (K2_FACTS §8.7); we follow the template.
 
@@ -203,7 +209,37 @@ def _tool_arguments(args: Any, where: str) -> str:
         raise ChatFormatError(f"{where}: arguments are not JSON-serialisable: {e}") from None
 
 
-def _validate(messages: Sequence[Mapping[str, Any]]) -> None:
+@dataclasses.dataclass(slots=True)  # not frozen: built for every message of a data check
+class _Turn:
+    """One checked message in the form the renderer writes it.
+
+    name: the text between the role token and `<|im_middle|>`. content: text (a tool result's
+    without its `## Return of` line). calls: an assistant's tool calls as (rendered id, arguments
+    text). call_id: the rendered id a tool result answers.
+    """
+
+    role: str
+    name: str
+    content: str
+    reasoning: str = ""
+    calls: tuple[tuple[str, str], ...] = ()
+    call_id: str = ""
+
+
+def _check_messages(messages: Sequence[Mapping[str, Any]]) -> list[_Turn]:
+    """Every message checked and put in render form; raises ChatFormatError.
+
+    This is everything rendering can reject, done without a tokenizer: roles, field types,
+    content parts, tool-call shapes, and tool results that answer no call. `render_pieces` renders
+    from its result; `check_conversation` (and through it the data check) adds the training rules.
+    """
+    _check_roles(messages)
+    return _turns(messages)
+
+
+def _check_roles(messages: Sequence[Mapping[str, Any]]) -> None:
+    """The list, the roles, names and who may call tools, over all messages before anything else:
+    a conversation with a bad role is "unknown role" whatever else is wrong with it."""
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
         raise ChatFormatError("messages must be a non-empty list", "invalid message")
     for i, m in enumerate(messages):
@@ -219,6 +255,90 @@ def _validate(messages: Sequence[Mapping[str, Any]]) -> None:
             raise ChatFormatError(f"message {i} ({role}): name must be a string")
         if m.get("tool_calls") and role != "assistant":
             raise ChatFormatError(f"message {i} ({role}): only assistant messages have tool_calls")
+
+
+def _turns(messages: Sequence[Mapping[str, Any]]) -> list[_Turn]:
+    """The messages (roles already checked) in render form: content, reasoning, tool calls and
+    the ids tool results answer, each checked."""
+    turns: list[_Turn] = []
+    id_map: dict[str, str] = {}  # original tool-call id -> rendered id
+    pending: list[str] = []  # rendered ids of the latest tool calls not yet answered
+    for i, m in enumerate(messages):
+        role = m["role"]
+        where = f"message {i} ({role})"
+        name = m.get("name") or role
+        if role == "assistant":
+            reasoning, content = _reasoning_and_content(m, where)
+            calls = m.get("tool_calls") or []
+            if not isinstance(calls, list):
+                raise ChatFormatError(f"{where}: tool_calls must be a list")
+            rendered = []
+            for j, call in enumerate(calls):
+                call_id, args = _tool_call(call, j, f"{where} tool_calls[{j}]")
+                orig = call.get("id")
+                if isinstance(orig, str) and orig:
+                    id_map[orig] = call_id
+                rendered.append((call_id, args))
+            if rendered:
+                pending = [call_id for call_id, _ in rendered]
+            turns.append(_Turn(role, name, content, reasoning, tuple(rendered)))
+        elif role == "tool":
+            call_id = m.get("tool_call_id")
+            if call_id is None or call_id == "":
+                if not pending:
+                    raise ChatFormatError(
+                        f"{where}: no tool_call_id, and no earlier tool call is left to answer",
+                        "unanswerable tool result",
+                    )
+                call_id = pending[0]
+            elif not isinstance(call_id, str):
+                raise ChatFormatError(f"{where}: tool_call_id must be a string")
+            else:
+                call_id = id_map.get(call_id, call_id)
+            if call_id in pending:
+                pending.remove(call_id)
+            content = _content_text(m.get("content"), where)
+            turns.append(_Turn(role, name, content, call_id=call_id))
+        else:
+            turns.append(_Turn(role, name, _content_text(m.get("content"), where)))
+    return turns
+
+
+def check_conversation(messages: Sequence[Mapping[str, Any]]) -> None:
+    """Raises ChatFormatError unless `messages` is a conversation to train on.
+
+    Everything `training_examples` rejects, without a tokenizer (so without the length): what
+    rendering rejects (`render_pieces`), plus the training rules:
+
+    * a system, user or tool message needs `content` (a string, text parts, or "" for an
+      explicitly empty one): missing or null content is "missing content";
+    * an assistant message needs something to learn: content text, a reasoning, or tool_calls. A
+      null or missing content is fine beside tool_calls or a reasoning (OpenAI's form allows it
+      with tool_calls); with neither it is "missing content", and so is an empty one;
+    * at least one assistant message ("no assistant turn").
+
+    Rendering a prompt (`render`, `encode_chat`) does not apply these rules: a chat history may
+    hold an empty reply.
+    """
+    _check_roles(messages)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ChatFormatError("the conversation has no assistant message", "no assistant turn")
+    turns = _turns(messages)
+    for i, (m, turn) in enumerate(zip(messages, turns)):
+        absent = "missing" if "content" not in m else "null" if m["content"] is None else "empty"
+        if turn.role == "assistant":
+            if not (turn.content or turn.reasoning or turn.calls):
+                raise ChatFormatError(
+                    f"message {i} (assistant): content is {absent} and there is no "
+                    "reasoning_content or tool_calls: nothing to learn",
+                    "missing content",
+                )
+        elif m.get("content") is None:
+            raise ChatFormatError(
+                f"message {i} ({turn.role}): content is {absent} (expected a string, "
+                'text parts, or "" for an empty message)',
+                "missing content",
+            )
 
 
 def render_pieces(
@@ -240,22 +360,18 @@ def render_pieces(
       reasoning, else "all_assistant".
     """
     t = _as_template(template)
-    _validate(messages)
+    turns = _check_messages(messages)
     if train_on == "auto":
         train_on = "last_turn" if t.strips_history_reasoning else "all_assistant"
     if train_on not in ("all_assistant", "last_turn"):
         raise ValueError(
             f"train_on must be 'auto', 'all_assistant' or 'last_turn', not {train_on!r}"
         )
-    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    last_user = max((i for i, m in enumerate(turns) if m.role == "user"), default=-1)
     # History boundary: reasoning is kept only after the last assistant message without tool calls
     # among messages[:-1] (see the module docstring).
     boundary = max(
-        (
-            i
-            for i, m in enumerate(messages[:-1])
-            if m["role"] == "assistant" and not m.get("tool_calls")
-        ),
+        (i for i, m in enumerate(turns[:-1]) if m.role == "assistant" and not m.calls),
         default=-1,
     )
 
@@ -285,39 +401,24 @@ def render_pieces(
         header("<|im_system|>", "tool_declare")
         text(body)
         special("<|im_end|>")
-    if t.default_system is not None and messages[0]["role"] != "system":
+    if t.default_system is not None and turns[0].role != "system":
         header("<|im_system|>", "system")
         text(t.default_system)
         special("<|im_end|>")
 
-    id_map: dict[str, str] = {}  # original tool-call id -> rendered id
-    pending: list[str] = []  # rendered ids of the latest tool calls not yet answered
-    for i, m in enumerate(messages):
-        role = m["role"]
-        where = f"message {i} ({role})"
-        name = m.get("name") or role
-        if role == "assistant":
+    for i, m in enumerate(turns):
+        if m.role == "assistant":
             learn = train_on == "all_assistant" or i > last_user
-            header("<|im_assistant|>", name)
-            reasoning, content = _reasoning_and_content(m, where)
+            header("<|im_assistant|>", m.name)
             if t.reasoning != "none":
                 special("<think>", learn)
                 if t.reasoning == "current" and i > boundary:
-                    text(reasoning, learn)
+                    text(m.reasoning, learn)
                 special("</think>", learn)
-            text(content, learn)
-            calls = m.get("tool_calls") or []
-            if not isinstance(calls, list):
-                raise ChatFormatError(f"{where}: tool_calls must be a list")
-            if calls:
+            text(m.content, learn)
+            if m.calls:
                 special("<|tool_calls_section_begin|>", learn)
-                pending = []
-                for j, call in enumerate(calls):
-                    call_id, args = _tool_call(call, j, f"{where} tool_calls[{j}]")
-                    orig = call.get("id") if isinstance(call, Mapping) else None
-                    if isinstance(orig, str) and orig:
-                        id_map[orig] = call_id
-                    pending.append(call_id)
+                for call_id, args in m.calls:
                     special("<|tool_call_begin|>", learn)
                     text(call_id, learn)
                     special("<|tool_call_argument_begin|>", learn)
@@ -325,27 +426,13 @@ def render_pieces(
                     special("<|tool_call_end|>", learn)
                 special("<|tool_calls_section_end|>", learn)
             special("<|im_end|>", learn)
-        elif role == "tool":
-            call_id = m.get("tool_call_id")
-            if call_id is None or call_id == "":
-                if not pending:
-                    raise ChatFormatError(
-                        f"{where}: no tool_call_id, and no earlier tool call is left to answer",
-                        "unanswerable tool result",
-                    )
-                call_id = pending[0]
-            elif not isinstance(call_id, str):
-                raise ChatFormatError(f"{where}: tool_call_id must be a string")
-            else:
-                call_id = id_map.get(call_id, call_id)
-            if call_id in pending:
-                pending.remove(call_id)
-            header("<|im_system|>", m.get("name") or "tool")
-            text(f"## Return of {call_id}\n{_content_text(m.get('content'), where)}")
+        elif m.role == "tool":
+            header("<|im_system|>", m.name)
+            text(f"## Return of {m.call_id}\n{m.content}")
             special("<|im_end|>")
         else:
-            header("<|im_user|>" if role == "user" else "<|im_system|>", name)
-            text(_content_text(m.get("content"), where))
+            header("<|im_user|>" if m.role == "user" else "<|im_system|>", m.name)
+            text(m.content)
             special("<|im_end|>")
 
     if add_generation_prompt:
@@ -480,9 +567,7 @@ def training_examples(
       assistant message.
     """
     t = _as_template(template)
-    _validate(messages)
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ChatFormatError("the conversation has no assistant message", "no assistant turn")
+    check_conversation(messages)
     if split is None:
         split = t.strips_history_reasoning
     if not split:

@@ -12,11 +12,19 @@ OpenAI messages may carry `name`, `reasoning_content`, `tool_calls` and `tool_ca
 (a tool result), or function_call (an assistant tool call whose value is `{"name", "arguments"}` or
 a list of them). `path` is one .jsonl file or a folder of them (sorted by name).
 
-**Bad lines are never dropped silently.** Invalid JSON, an unknown format or role, a conversation
-without an assistant message, or an example longer than `seq_len` is a `DataError` naming
-`file:line` and a reason. With `on_bad_example="error"` it is raised; with "skip" it is logged (the
-first few one by one), counted by reason, and summarised in the log at the end of every epoch
-(`PackedBatches.summary()`). An epoch without a single usable example is always an error.
+**Bad lines are never dropped silently.** Invalid UTF-8 or JSON, an unknown format or role, a
+malformed message, missing content (`chat.check_conversation` says what each role needs; a
+ShareGPT turn needs a `value`), a conversation without an assistant message, or an example longer
+than `seq_len` is a `DataError` naming `file:line` and a reason. With `on_bad_example="error"` it
+is raised; with "skip" it is logged (the first few one by one), counted by reason, and summarised
+in the log at the end of every epoch (`PackedBatches.summary()`). An epoch without a single usable
+example is always an error. The stream meets a line only when it packs it, which in training is
+after the model is loaded and the step compiled; so `validate_data(config, progress=None)` finds
+all of these but "too long" (which needs the tokenizer) in one pass of its own, at ~20,000
+lines/s, and `Trainer.setup` calls it as soon as the DataConfig is built. With "error" it raises
+the first bad line; with "skip" it logs them as the stream would and returns the counts
+(`DataCheck`). Rejected alternative: a dry run of the stream itself, which would find the long
+examples too, but costs a tokenizer and a full epoch of tokenizing before the first step.
 
 **Memory.** The file is never loaded. One pass builds a line index (file id, byte offset, line
 number per non-empty line: 20 bytes a line, 200 MB for ten million conversations); each epoch
@@ -67,6 +75,8 @@ import hashlib
 import json
 import logging
 import os
+import sys
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -78,6 +88,7 @@ from k2jax.data.chat import (
     TEMPLATE_NAMES,
     ChatFormatError,
     EncodedChat,
+    check_conversation,
     get_template,
     training_examples,
 )
@@ -86,14 +97,14 @@ from k2jax.data.tokenizer import KimiTokenizer
 log = logging.getLogger(__name__)
 
 _STATE_VERSION = 1
-_LOG_FIRST_BAD = 10  # bad examples logged one by one per iterator; the rest only counted
+_LOG_FIRST_BAD = 10  # bad examples logged one by one per iterator or check; the rest counted
 
 
 class DataError(ValueError):
     """A bad input line or example; the message starts with `file:line`.
 
     where: "file:line" (or "file:line (turn k)"); reason: a short category ("invalid JSON",
-    "unknown role", "no assistant turn", "too long", ...) used for the counts.
+    "unknown role", "missing content", "no assistant turn", "too long", ...) used for the counts.
     """
 
     def __init__(self, where: str, reason: str, detail: str = ""):
@@ -227,6 +238,13 @@ def _from_sharegpt(obj: dict, where: str) -> list[dict[str, Any]]:
                 f"{', '.join(_SHAREGPT_ROLES)})",
             )
         value = turn.get("value")
+        if value is None:
+            state = "null" if "value" in turn else "missing"
+            raise DataError(
+                where,
+                "missing content",
+                f'conversations[{i}].value is {state} (write "" for an empty message)',
+            )
         if source == "function_call":
             calls = value
             if isinstance(value, str):
@@ -239,7 +257,7 @@ def _from_sharegpt(obj: dict, where: str) -> list[dict[str, Any]]:
             calls = calls if isinstance(calls, list) else [calls]
             messages.append({"role": "assistant", "content": "", "tool_calls": calls})
             continue
-        if value is not None and not isinstance(value, str):
+        if not isinstance(value, str):
             raise DataError(where, "invalid message", f"conversations[{i}].value must be a string")
         message: dict[str, Any] = {"role": role, "content": value}
         for key in ("name", "tool_call_id", "reasoning_content"):
@@ -247,6 +265,24 @@ def _from_sharegpt(obj: dict, where: str) -> list[dict[str, Any]]:
                 message[key] = turn[key]
         messages.append(message)
     return messages
+
+
+def _parse_line(line: str, where: str) -> Conversation:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(where, "invalid JSON", f"{e.msg} at column {e.colno}") from None
+    return parse_conversation(obj, where)
+
+
+def check_line(line: str, where: str) -> None:
+    """Raises the DataError that `conversation_examples` would raise for `line`, except "too
+    long": the same parsing and `chat.check_conversation`, without a tokenizer."""
+    conv = _parse_line(line, where)
+    try:
+        check_conversation(conv.messages)
+    except ChatFormatError as e:
+        raise DataError(where, e.reason, str(e)) from None
 
 
 def conversation_examples(
@@ -259,11 +295,7 @@ def conversation_examples(
     split_turns: bool | None = None,
 ) -> list[tuple[EncodedChat, str]]:
     """The tokenized training examples of one JSONL line, each with its `file:line (turn k)`."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(where, "invalid JSON", f"{e.msg} at column {e.colno}") from None
-    conv = parse_conversation(obj, where)
+    conv = _parse_line(line, where)
     try:
         examples = training_examples(
             conv.messages,
@@ -356,6 +388,113 @@ class LineIndex:
         for f in self._handles.values():
             f.close()
         self._handles.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# Checking the data before training
+# --------------------------------------------------------------------------------------------------
+
+_PROGRESS_MIN_LINES = 10_000  # no progress bar below this many lines (the check takes < 0.1 s)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataCheck:
+    """What `validate_data` found in `path`.
+
+    lines: the non-blank lines read; skipped: bad lines by reason (the stream will skip exactly
+    these, plus any example longer than data.seq_len); first_bad: the first few of them.
+    """
+
+    path: str
+    lines: int
+    skipped: dict[str, int]
+    first_bad: tuple[DataError, ...]
+    seconds: float
+
+    @property
+    def usable(self) -> int:
+        return self.lines - sum(self.skipped.values())
+
+    def summary(self) -> str:
+        text = f"data check: {self.lines:,} lines"
+        if self.skipped:
+            reasons = ", ".join(f"{r}: {n:,}" for r, n in sorted(self.skipped.items()))
+            text += f", {sum(self.skipped.values()):,} will be skipped ({reasons})"
+        return text + f" ({self.path}, {self.seconds:.1f} s)"
+
+
+def validate_data(config: DataConfig, *, progress: bool | None = None) -> DataCheck:
+    """One cheap pass over every line of `config.path`, before anything expensive.
+
+    Each non-blank line goes through the stream's own checks (`check_line`) short of tokenizing:
+    UTF-8, JSON, a known format, roles, message fields, content, tool calls and results, an
+    assistant message. With `on_bad_example="error"` the first bad line is raised as a DataError
+    ("file:line: reason: detail"); with "skip" the first few are logged one by one, all are
+    counted by reason and the counts logged. A file without one good line is an error either way.
+    The stream is not touched: its batches and resume fingerprint are the same with or without a
+    check. Lines are read through a `LineIndex` (the file is never loaded).
+
+    progress: a tqdm bar on stderr for inputs of 10,000 lines or more; None shows it only when
+    stderr is a terminal.
+
+    A function of the config rather than a `PackedBatches` method: it needs no tokenizer, so a
+    trainer can run it before loading one (or a model), and a command can run it alone. (It
+    builds its own line index; that is a small part of its time.)
+
+    Speed: ~21,000 lines/s of CPU time (~24 MB/s) on a generated 200,000-line, 230 MB file of
+    1-3 turn chats (OpenAI with reasoning, with tool calls, ShareGPT): 9.3 s of CPU, 10-15 s of
+    wall time on one core of a shared 2-core VM; a third of it is `json.loads`. Ten million such
+    lines would take ~8 minutes there; a terabyte model takes longer to load.
+    """
+    start = time.perf_counter()
+    index = LineIndex.build(config.path)
+    if not len(index):
+        raise DataError(config.path, "no data", "no non-empty lines")
+    show = len(index) >= _PROGRESS_MIN_LINES and (
+        progress if progress is not None else sys.stderr.isatty()
+    )
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=len(index), desc="data check", unit="line", unit_scale=True, file=sys.stderr
+        )
+    blank, skipped, first_bad = 0, {}, []
+    try:
+        for i in range(len(index)):
+            if bar is not None and i % 4096 == 4095:
+                bar.update(4096)
+            try:
+                text = index.read(i)
+                if not text.strip():  # as in the stream: a blank line is no example
+                    blank += 1
+                    continue
+                check_line(text, index.where(i))
+            except DataError as e:
+                if config.on_bad_example == "error":
+                    raise
+                skipped[e.reason] = skipped.get(e.reason, 0) + 1
+                if len(first_bad) < _LOG_FIRST_BAD:
+                    first_bad.append(e)
+                    log.warning("data check: bad line, will be skipped: %s", e)
+                elif sum(skipped.values()) == _LOG_FIRST_BAD + 1:
+                    log.warning("data check: further bad lines are only counted")
+        if bar is not None:
+            bar.update(len(index) - bar.n)
+    finally:
+        if bar is not None:
+            bar.close()
+        index.close()
+    lines = len(index) - blank
+    check = DataCheck(config.path, lines, skipped, tuple(first_bad), time.perf_counter() - start)
+    if not check.usable:
+        raise DataError(config.path, "no usable examples", check.summary())
+    if skipped:
+        log.warning("%s", check.summary())
+    else:
+        log.info("%s", check.summary())
+    return check
 
 
 # --------------------------------------------------------------------------------------------------

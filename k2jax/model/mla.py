@@ -55,6 +55,7 @@ from k2jax.model.layers import Linear, RMSNorm, module_path
 from k2jax.model.options import ComputeConfig, accum_dtype
 from k2jax.model.rope import apply_rope, rope_cos_sin, rope_parameters
 from k2jax.ops.attention import attention, attention_mask
+from k2jax.ops.einsum import einsum_acc
 
 
 class MLA(nn.Module):
@@ -163,20 +164,18 @@ class MLA(nn.Module):
         # kv_b_proj [H·(Dn + Dv), C] split per head into the key part W_k and the value part W_v.
         w = self.variables["params"]["kv_b_proj"]["weight"].astype(dtype).reshape(H, Dn + Dv, C)
         w_k, w_v = w[:, :Dn], w[:, Dn:]
-        q_lat = jnp.einsum("bthd,hdc->bthc", q_nope, w_k, preferred_element_type=f32)
+        q_lat = einsum_acc("bthd,hdc->bthc", q_nope, w_k)
         lora = self._kv_b_lora()
         if lora is not None:
             a_RC, b_HDR, scale = lora
             t = jnp.einsum("bthd,hdr->bthr", q_nope, b_HDR[:, :Dn].astype(dtype))
-            q_lat += scale * jnp.einsum(
-                "bthr,rc->bthc", t, a_RC.astype(dtype), preferred_element_type=f32
-            )
+            q_lat += scale * einsum_acc("bthr,rc->bthc", t, a_RC.astype(dtype))
         if s_kn is not None:
             q_lat = q_lat * s_kn[:, None].astype(f32)
         q_lat = q_lat.astype(dtype)
 
-        logits = jnp.einsum("bthc,bsc->bhts", q_lat, c_BSC, preferred_element_type=f32)
-        logits += jnp.einsum("bthr,bsr->bhts", q_rope, r_BSR, preferred_element_type=f32)
+        logits = einsum_acc("bthc,bsc->bhts", q_lat, c_BSC)
+        logits += einsum_acc("bthr,bsr->bhts", q_rope, r_BSR)
         logits = logits * c.softmax_scale
         ones_q = jnp.ones((B, T), jnp.int32)
         ones_k = jnp.ones((B, c_BSC.shape[1]), jnp.int32)
@@ -185,17 +184,12 @@ class MLA(nn.Module):
         max_logit_H = jnp.max(logits, axis=(0, 2, 3))
         probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
 
-        o_lat = jnp.einsum("bhts,bsc->bthc", probs, c_BSC, preferred_element_type=f32).astype(dtype)
-        out = jnp.einsum("bthc,hvc->bthv", o_lat, w_v, preferred_element_type=f32)
+        o_lat = einsum_acc("bhts,bsc->bthc", probs, c_BSC).astype(dtype)
+        out = einsum_acc("bthc,hvc->bthv", o_lat, w_v)
         if lora is not None:
             a_RC, b_HDR, scale = lora
             t = jnp.einsum("bthc,rc->bthr", o_lat, a_RC.astype(dtype)) * scale
-            out += jnp.einsum(
-                "bthr,hvr->bthv",
-                t.astype(dtype),
-                b_HDR[:, Dn:].astype(dtype),
-                preferred_element_type=f32,
-            )
+            out += einsum_acc("bthr,hvr->bthv", t.astype(dtype), b_HDR[:, Dn:].astype(dtype))
         return out.astype(dtype), max_logit_H
 
     def _kv_b_lora(self):

@@ -32,6 +32,7 @@ from k2jax.model.loss import chunked_cross_entropy
 from k2jax.model.mla import MLA
 from k2jax.model.moe import MoE
 from k2jax.model.options import ComputeConfig
+from k2jax.ops.einsum import einsum_acc
 
 LAYER_ACTIVATION = ("batch", "seq", "act_embed")
 
@@ -54,7 +55,8 @@ class DecoderLayer(nn.Module):
         h = RMSNorm(c.rms_norm_eps, self.compute, name="post_attention_layernorm")(x_BTD)
         aux = {"max_logit": max_logit_H}
         if self.moe:
-            y, aux["expert_load"] = MoE(c, self.compute, self.lora, name="mlp")(h)
+            y, moe_aux = MoE(c, self.compute, self.lora, name="mlp")(h)
+            aux.update(moe_aux)
         else:
             y = MLP(c.intermediate_size, self.compute, self.lora, name="mlp")(h)
         x_BTD = nn.with_logical_constraint(x_BTD + y, LAYER_ACTIVATION)
@@ -144,8 +146,7 @@ class Transformer(nn.Module):
     def logits(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
         h, _ = self(tokens_BT, positions_BT, segment_ids_BT)
         w = self.head_weight()
-        f32 = jnp.promote_types(h.dtype, jnp.float32)
-        return jnp.einsum("btd,vd->btv", h, w.astype(h.dtype), preferred_element_type=f32)
+        return einsum_acc("btd,vd->btv", h, w.astype(h.dtype))
 
     def decode(self, tokens_BT, positions_BT, last_B=None):
         """Logits of tokens run through the KV cache (apply with a "cache" collection, mutable).
@@ -158,8 +159,7 @@ class Transformer(nn.Module):
         if last_B is not None:
             h = h[jnp.arange(h.shape[0]), last_B]
         w = self.head_weight()
-        f32 = jnp.promote_types(h.dtype, jnp.float32)
-        return jnp.einsum("...d,vd->...v", h, w.astype(h.dtype), preferred_element_type=f32)
+        return einsum_acc("...d,vd->...v", h, w.astype(h.dtype))
 
     def loss(
         self,

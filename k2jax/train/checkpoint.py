@@ -4,7 +4,8 @@ A checkpoint is one Orbax step folder `<checkpoint dir>/<step>/` with three item
 
     train/   {"trainable": {"lora", "params"}, "qk_clip"}  — what the fine-tune *is*; `load_run`,
              `k2jax export` and `k2jax merge` read only this item
-    opt/     {"opt_state", "step", "rng", "nonfinite"}     — what resuming needs on top
+    opt/     {"opt_state", "step", "rng", "nonfinite",     — what resuming needs on top
+              "qk_thresholds"}
     meta/    JSON: step, the data iterator's state (PackedBatches.state()), tokens seen, time
 
 The frozen base is never saved (it is the input checkpoint). Splitting train from opt lets an
@@ -36,6 +37,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +79,7 @@ class _MetaRestore(ocp.args.CheckpointArgs):
 
 def _split(state: dict) -> tuple[dict, dict]:
     train = {"trainable": state["trainable"], "qk_clip": state["qk_clip"]}
-    opt = {k: state[k] for k in ("opt_state", "step", "rng", "nonfinite")}
+    opt = {k: state[k] for k in ("opt_state", "step", "rng", "nonfinite", "qk_thresholds")}
     return train, opt
 
 
@@ -175,6 +177,18 @@ class Checkpointer:
             args=ocp.args.Composite(train=ocp.args.StandardRestore(target), meta=_MetaRestore()),
         )
         return dict(out["train"]), dict(out["meta"])
+
+    def set_aside(self, step: int) -> Path:
+        """Moves the checkpoint of `step` out of the checkpoint folder, to
+        `<dir>-nonfinite/<step>` beside it: kept for inspection, never resumed. Returns where."""
+        self.wait()
+        dest = self.directory.with_name(self.directory.name + "-nonfinite") / str(step)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.move(str(self.directory / str(step)), str(dest))
+        self.manager.reload()
+        return dest
 
     def wait(self) -> None:
         """Blocks until the last save is committed."""

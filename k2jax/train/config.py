@@ -184,8 +184,9 @@ class LogConfig:
     every: a console log line every this many steps (metrics.jsonl gets every step).
     progress: show a tqdm progress bar.
     tensorboard: write TensorBoard event files to <run_dir>/tensorboard.
-    peak_tflops: peak dense bf16 TFLOP/s of one device for the MFU estimate (None: a table of
-      known GPUs by device kind; no MFU on unknown devices and CPUs).
+    peak_tflops: peak dense bf16 TFLOP/s of one device for the MFU estimate (None: the measured
+      ceiling of the device kind where one was measured — 800 on H100/H200, GPU_NOTES.md — else
+      its datasheet figure; no MFU on unknown devices and CPUs). metrics.jsonl names the peak.
     """
 
     every: int = 10

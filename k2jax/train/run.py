@@ -1,16 +1,23 @@
 """The run folder: what a training run writes, and `load_run` to read a fine-tune back.
 
     <train.run_dir>/
-      config.gin          the operative run config, every section (RunConfig.to_gin); rewritten
-                          at every (re)start with the settings that run used
+      config.gin          the operative run config, every section (RunConfig.to_gin), of the
+                          latest (re)start
+      config_history/     when a resumed run changed settings: each earlier config.gin, named by
+                          the step it was replaced at (step_000120.gin: in effect up to step 120)
       model_config.json   the resolved architecture (ModelConfig fields, overrides applied)
       tokenizer/          only with model.tokenizer = "tiny": the tiny tokenizer's two files
       metrics.jsonl       one JSON object per train step: step, loss (mean over loss tokens),
                           z_loss, grad_norm (before clipping), lr, tokens (non-padding),
                           loss_tokens, tokens_seen, step_time_s, tokens_per_s, mfu (null where the
-                          peak FLOP/s is unknown), max_attention_logit, qk_clipped_heads,
+                          peak FLOP/s is unknown), mfu_peak_tflops and mfu_peak (the peak mfu
+                          divides by and where it comes from: "measured" 800 TFLOP/s on
+                          H100/H200, "datasheet", or "log.peak_tflops"), max_attention_logit,
+                          qk_clipped_heads,
                           expert_load ((token, expert) pairs per expert over all MoE layers,
-                          padding positions included), expert_load_cv, finite, nonfinite_streak,
+                          padding positions included), expert_load_cv, moe_exchange_rounds
+                          (all-to-all rounds of the busiest MoE exchange: 1 = no overflow, 0 =
+                          one device), finite, nonfinite_streak,
                           nonfinite_total, time; non-finite values are written as null
       eval.jsonl          one JSON object per evaluation: step, eval_loss, eval_tokens
       tensorboard/        events.out.tfevents.* (the same scalars)
@@ -23,7 +30,10 @@ one checkpoint — everything `k2jax export` (a PEFT adapter) and `k2jax merge` 
 folded into the base) need, without the optimizer state.
 
 Writes are atomic (temporary file, fsync, rename). On resume, metrics.jsonl / eval.jsonl are cut
-back to the restored step, so the files describe one consistent history.
+back to the restored step, so the files describe one consistent history. A run folder's history
+is never replaced by another run: a fresh start in a folder whose metrics.jsonl holds steps of a
+run with other settings is refused (`check_fresh_start`), and a resume with changed settings keeps
+the old config.gin in config_history/ and names the changes (`config_changes`).
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 TOKENIZER_DIR = "tokenizer"
+CONFIG_HISTORY_DIR = "config_history"
 
 
 def checkpoint_dir(config: RunConfig, run_dir: str | os.PathLike | None = None) -> Path:
@@ -90,6 +101,71 @@ def truncate_jsonl(path: str | os.PathLike, last_step: int) -> None:
         if isinstance(record, dict) and record.get("step", 0) <= last_step:
             keep.append(line)
     atomic_write_text(path, "".join(f"{line}\n" for line in keep))
+
+
+def config_changes(old: RunConfig, new: RunConfig) -> list[str]:
+    """ "section.key: old → new" for every setting that differs between two run configs."""
+
+    def bindings(cfg: RunConfig) -> dict[str, str]:
+        pairs = (line.split(" = ", 1) for line in cfg.to_gin().splitlines() if " = " in line)
+        return {k.strip(): v.strip() for k, v in pairs}
+
+    a, b = bindings(old), bindings(new)
+    return [
+        f"{k}: {a.get(k, '(unset)')} → {b.get(k, '(unset)')}" for k in a | b if a.get(k) != b.get(k)
+    ]
+
+
+def keep_config_history(run_dir: str | os.PathLike, step: int) -> Path:
+    """Copies the run folder's config.gin to config_history/step_<step>.gin (never overwriting
+    an earlier copy) and returns the copy's path."""
+    run_dir = Path(run_dir)
+    folder = run_dir / CONFIG_HISTORY_DIR
+    folder.mkdir(exist_ok=True)
+    target = folder / f"step_{step:06d}.gin"
+    n = 1
+    while target.exists():
+        n += 1
+        target = folder / f"step_{step:06d}.{n}.gin"
+    atomic_write_text(target, (run_dir / CONFIG_FILE).read_text())
+    return target
+
+
+def check_fresh_start(run_dir: str | os.PathLike, config: RunConfig) -> None:
+    """Refuses to start a new run (no checkpoint to resume) in a folder whose metrics.jsonl
+    holds steps of a run with other settings: starting would replace that run's history. The
+    same settings again (a run stopped before its first checkpoint) may restart."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / METRICS_FILE
+    if not metrics.is_file():
+        return
+    steps = 0
+    for line in metrics.read_text().splitlines():
+        try:
+            steps += isinstance(json.loads(line), dict)
+        except json.JSONDecodeError:
+            continue
+    if not steps:
+        return
+    old_file = run_dir / CONFIG_FILE
+    why = f"its {old_file.name} is missing"
+    if old_file.is_file():
+        try:
+            old = RunConfig.load(old_file)
+        except (ConfigError, OSError) as e:
+            why = f"its {old_file.name} cannot be read ({e})"
+        else:
+            changes = config_changes(old, config)
+            if not changes:
+                return
+            why = "it had other settings: " + "; ".join(changes[:5])
+            if len(changes) > 5:
+                why += f"; and {len(changes) - 5} more"
+    raise ConfigError(
+        f"{metrics} holds {steps} steps of another run, and no checkpoint of it is in "
+        f"{checkpoint_dir(config)} to resume; {why}. Starting here would replace that run's "
+        "history: choose a new train.run_dir (or remove the old run's files yourself)"
+    )
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -11,7 +11,8 @@ One train step (`Program.train_step(state, frozen, batch) -> (state, metrics)`):
     3. NaN/inf guard: if the loss or the gradient norm is not finite, the update is skipped
        (lax.cond), `nonfinite.streak` counts it; the loop stops after K in a row
     4. otherwise: optax update (clipping, Muon/AdamW), then QK-clip on the "qk_clip" factors from
-       the step's max logits (k2jax.optim.qk_clip)
+       the step's max logits against per-head thresholds, set at the first applied step to
+       max(τ·m², that step's max logit) (k2jax.optim.qk_clip explains why)
 
 Compute runs in `compute.dtype` (bf16 in production) while the LoRA factors and trainable base
 weights stay float32 masters (the model casts them per matmul). Rematerialisation follows
@@ -64,8 +65,11 @@ from k2jax.optim import (
     OptimConfig,
     ScheduleConfig,
     expert_major,
+    logit_scale_factor,
     make_optimizer,
     make_schedule,
+    set_thresholds,
+    unset_thresholds,
     update_qk_clip,
 )
 from k2jax.sharding import logical_specs, spec_for, use_mesh
@@ -78,6 +82,8 @@ from k2jax.train.state import (
 )
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+# Model aux outputs combined over microbatches by max (the rest add up).
+MAX_AUX = ("max_logit", "exchange_rounds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +162,7 @@ class Program:
             "trainable": trainable_abs,
             "opt_state": opt_abs,
             "qk_clip": abstract["qk_clip"],
+            "qk_thresholds": abstract_thresholds(abstract),
             "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
             "nonfinite": {"streak": scalar, "total": scalar},
         }
@@ -168,6 +175,7 @@ class Program:
                 opt_abs, expert_major(trainable_abs), expert_major(trainable_sh), mesh
             ),
             "qk_clip": jax.tree.map(ns, specs["qk_clip"]),
+            "qk_thresholds": jax.tree.map(lambda _: rep, abstract_thresholds(abstract)),
             "rng": rep,
             "nonfinite": {"streak": rep, "total": rep},
         }
@@ -225,6 +233,7 @@ class Program:
             "trainable": trainable,
             "opt_state": self.optimizer.init(trainable),
             "qk_clip": v["qk_clip"],
+            "qk_thresholds": unset_thresholds(v["qk_clip"]),
             "rng": jax.random.key_data(rng),
             "nonfinite": {"streak": zero, "total": zero},
         }
@@ -269,7 +278,7 @@ class Program:
             g, (sums, aux) = grad_fn(trainable, mb, jax.random.fold_in(step_key, i))
             acc_g, acc_s, acc_aux = carry
             acc_aux = jax.tree_util.tree_map_with_path(
-                lambda p, a, b: jnp.maximum(a, b) if _keys(p)[-1] == "max_logit" else a + b,
+                lambda p, a, b: jnp.maximum(a, b) if _keys(p)[-1] in MAX_AUX else a + b,
                 acc_aux,
                 aux,
             )
@@ -297,19 +306,23 @@ class Program:
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(sums["z_loss_sum"])
         tau = self.spec.optim.qk_clip_tau
+        thresholds = state["qk_thresholds"]
 
         def update(_):
             updates, opt_state = self.optimizer.update(grads, state["opt_state"], trainable)
             new = optax.apply_updates(trainable, updates)
             if tau is None:
-                return new, opt_state, qk, jnp.zeros((), jnp.int32)
-            new_qk, clipped = update_qk_clip(qk, aux, tau)
-            return new, opt_state, new_qk, clipped
+                return new, opt_state, qk, thresholds, jnp.zeros((), jnp.int32)
+            thr = set_thresholds(thresholds, aux, tau * logit_scale_factor(self.spec.model))
+            new_qk, clipped = update_qk_clip(qk, aux, thr)
+            return new, opt_state, new_qk, thr, clipped
 
         def skip(_):
-            return trainable, state["opt_state"], qk, jnp.zeros((), jnp.int32)
+            return trainable, state["opt_state"], qk, thresholds, jnp.zeros((), jnp.int32)
 
-        new_trainable, opt_state, new_qk, clipped = jax.lax.cond(finite, update, skip, None)
+        new_trainable, opt_state, new_qk, new_thr, clipped = jax.lax.cond(
+            finite, update, skip, None
+        )
         nf = state["nonfinite"]
         applied = state["step"] - nf["total"]  # updates so far = the optimizer's count
         streak = jnp.where(finite, 0, nf["streak"] + 1)
@@ -319,11 +332,13 @@ class Program:
             "trainable": new_trainable,
             "opt_state": opt_state,
             "qk_clip": new_qk,
+            "qk_thresholds": new_thr,
             "rng": state["rng"],
             "nonfinite": {"streak": streak, "total": total},
         }
         max_logits = [a["max_logit"] for a in aux.values()]
         loads = [a["expert_load"].sum(0) for a in aux.values() if "expert_load" in a]
+        rounds = [a["exchange_rounds"].max() for a in aux.values() if "exchange_rounds" in a]
         metrics = {
             "loss": loss,
             "z_loss": sums["z_loss_sum"] / count,
@@ -334,6 +349,7 @@ class Program:
             "max_attention_logit": jnp.max(jnp.stack([m.max() for m in max_logits])),
             "qk_clipped_heads": clipped,
             "expert_load": loads[0] if loads else jnp.zeros((0,), jnp.float32),
+            "moe_exchange_rounds": rounds[0] if rounds else jnp.zeros((), jnp.int32),
             "finite": finite,
             "nonfinite_streak": streak,
             "nonfinite_total": total,
@@ -409,6 +425,11 @@ class Program:
         return tokens * self.weight_flops_per_token + pairs * c.num_hidden_layers * attn
 
 
+def abstract_thresholds(abstract) -> dict:
+    """The abstract per-head QK-clip thresholds {stack: [L, H]} of an abstract variable tree."""
+    return jax.eval_shape(unset_thresholds, abstract["qk_clip"])
+
+
 def _add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
@@ -438,16 +459,47 @@ def _weight_flops_per_token(spec: StepSpec, abstract, predicate) -> float:
     return total
 
 
-# Peak dense bf16 FLOP/s per device by device kind (vendor datasheets, SXM parts); `log.peak_tflops`
-# overrides. Unknown kinds (and CPUs) report no MFU rather than a wrong one.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "B200": 2250.0}
+# MFU's peak, one convention for the trainer and the benchmarks: the *measured* dense bf16 matmul
+# ceiling through jax (GPU_NOTES.md: 810 TFLOP/s for an 8192³ matmul on an H100, "use ~800"; the
+# H200 has the same tensor cores), which benchmarks/bench_step.py divides by too. The datasheet
+# figures stay available as DATASHEET_PEAK_TFLOPS; against them an MFU reads 800/989 = 0.81× as
+# high. Kinds never measured here fall back to their datasheet figure, and `peak_source` says so
+# (the trainer's metrics record `mfu_peak`). `log.peak_tflops` overrides; unknown kinds (and CPUs)
+# report no MFU rather than a wrong one.
+PEAK_TFLOPS = {"H200": 800.0, "H100": 800.0, "GH200": 800.0}
+DATASHEET_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "GH200": 989.0,
+    "A100": 312.0,
+    "B200": 2250.0,
+}
 
 
-def peak_flops(device, override_tflops: float | None = None) -> float | None:
-    if override_tflops is not None:
-        return override_tflops * 1e12
+def _lookup(table: dict, device) -> float | None:
     kind = getattr(device, "device_kind", "")
-    for name, tflops in PEAK_TFLOPS.items():
-        if name in kind:
-            return tflops * 1e12
-    return None
+    return next((tflops for name, tflops in table.items() if name in kind), None)
+
+
+def peak_source(device, override_tflops: float | None = None) -> str | None:
+    """Which peak `peak_flops(device, override_tflops)` returns: "log.peak_tflops", "measured"
+    (PEAK_TFLOPS), "datasheet" (DATASHEET_PEAK_TFLOPS) or None."""
+    if override_tflops is not None:
+        return "log.peak_tflops"
+    if _lookup(PEAK_TFLOPS, device) is not None:
+        return "measured"
+    return "datasheet" if _lookup(DATASHEET_PEAK_TFLOPS, device) is not None else None
+
+
+def peak_flops(
+    device, override_tflops: float | None = None, *, datasheet: bool = False
+) -> float | None:
+    """Peak FLOP/s of one device for MFU: `override_tflops`, else the measured ceiling of its kind,
+    else its datasheet figure; with `datasheet=True` always the datasheet figure."""
+    if datasheet:
+        tflops = _lookup(DATASHEET_PEAK_TFLOPS, device)
+    elif override_tflops is not None:
+        tflops = override_tflops
+    else:
+        tflops = _lookup(PEAK_TFLOPS, device) or _lookup(DATASHEET_PEAK_TFLOPS, device)
+    return tflops * 1e12 if tflops is not None else None

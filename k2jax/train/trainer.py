@@ -32,7 +32,9 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +43,7 @@ import jax
 import numpy as np
 
 from k2jax.config import ConfigError, ModelConfig, load_model_config
+from k2jax.sharding.mesh import MeshError
 from k2jax.train.checkpoint import Checkpointer
 from k2jax.train.config import RunConfig
 from k2jax.train.run import (
@@ -51,17 +54,21 @@ from k2jax.train.run import (
     TENSORBOARD_DIR,
     TOKENIZER_DIR,
     atomic_write_text,
+    check_fresh_start,
     checkpoint_dir,
+    config_changes,
+    keep_config_history,
     model_config_from_json,
     model_config_to_json,
     truncate_jsonl,
 )
-from k2jax.train.step import StepSpec, build_program, peak_flops
+from k2jax.train.step import StepSpec, build_program, peak_flops, peak_source
 
 log = logging.getLogger(__name__)
 
 # data.path value naming the demo conversations shipped with k2jax (k2jax.data.DEMO_CHATS).
 DEMO_DATA = "k2jax:demo_chats"
+STEP_DELAY_ENV = "K2JAX_TEST_STEP_DELAY"
 
 
 class NonFiniteError(RuntimeError):
@@ -84,6 +91,8 @@ class Trainer:
         self.run_dir = Path(config.train.run_dir)
         self._ready = False
         self.last_saved_step: int | None = None
+        self._last_streak = 0  # the current run of consecutive non-finite steps
+        self._dead_steps, self._warned_dead = 0, False
 
     @classmethod
     def from_config(
@@ -94,18 +103,24 @@ class Trainer:
 
     # Set-up -------------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Builds mesh, model, base, state and data (restoring a checkpoint if there is one)."""
+        """Builds mesh, model, base, state and data (restoring a checkpoint if there is one).
+
+        Cheap checks come first — the run folder, the model's config.json, the mesh, the data's
+        lines — so that a mistake is reported in seconds, before the compile and the base load.
+        """
         if self._ready:
             return
         cfg = self.config
         self.is_main = jax.process_index() == 0
+        self._check_outputs()
+        self.model_config = self._model_config()  # a missing model.path before the mesh
         self.mesh = self._make_mesh()
-        self.model_config = self._model_config()
         from k2jax.sharding import check_mesh_fits
 
         check_mesh_fits(self.mesh, self.model_config)
         self._check_batch_layout()
         self.tokenizer = self._tokenizer()
+        self._check_data()
         self.program = build_program(StepSpec.from_run_config(cfg, self.model_config), self.mesh)
         self.checkpointer = Checkpointer(
             checkpoint_dir(cfg), keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
@@ -122,6 +137,8 @@ class Trainer:
             self._check_resumable()
             meta = self.checkpointer.restore_meta(latest)
             data_state = meta.get("data_state")
+        elif self.is_main:
+            check_fresh_start(self.run_dir, cfg)
         from k2jax.data import PackedBatches
 
         # The data (and its resume fingerprint) is checked before the base is loaded.
@@ -144,14 +161,51 @@ class Trainer:
             )
             self.last_saved_step = latest
         self.step = int(jax.device_get(self.state["step"]))
-        self._open_outputs()
+        # The data position that goes with a state of each step (see `save`).
+        self._data_states = {self.step: self.data.state()}
+        self._open_outputs(resumed_from=latest)
         self._ready = True
+
+    def _check_outputs(self) -> None:
+        """The run folder and checkpoint folder: folders (or absent), and never one of the
+        run's inputs (base checkpoint, data, tokenizer) or inside/around one."""
+        from k2jax.paths import check_output_path
+
+        cfg = self.config
+        outputs = {"train.run_dir": self.run_dir, "checkpoint.dir": checkpoint_dir(cfg)}
+        for key, folder in outputs.items():
+            if folder.exists() and not folder.is_dir():
+                raise ConfigError(f"{key}: {folder} is a file, not a folder; name a folder")
+        inputs = {
+            "the base checkpoint, model.path": cfg.model.path,
+            "the training data, data.path": resolve_data_path(cfg.data.path),
+            "the evaluation data, eval.path": cfg.eval.path,
+            "the tokenizer, model.tokenizer": None
+            if cfg.model.tokenizer == "tiny"
+            else cfg.model.tokenizer,
+        }
+        for key, folder in outputs.items():
+            check_output_path(folder, inputs, flag=key)
+
+    def _check_data(self) -> None:
+        """One cheap pass over the data's (and eval data's) lines before anything expensive:
+        a bad line is an error (or a count of lines to skip) in seconds, not after the compile."""
+        from k2jax.data import validate_data
+
+        validate_data(self._data_config(), progress=self.config.log.progress and self.is_main)
+        if self.config.eval.path is not None:
+            validate_data(
+                self._data_config(self.config.eval.path, shuffle=False, num_epochs=1),
+                progress=self.config.log.progress and self.is_main,
+            )
 
     def _make_mesh(self):
         from k2jax.sharding import make_mesh
 
         m = self.config.mesh
         devices = jax.devices()
+        if m.size > len(devices):
+            raise MeshError(_mesh_too_large(m, devices, self.model_config))
         if m.size < len(devices):
             if jax.process_count() > 1:
                 raise ConfigError(
@@ -259,17 +313,30 @@ class Trainer:
                 "same model or use a new train.run_dir"
             )
 
-    def _open_outputs(self) -> None:
+    def _open_outputs(self, resumed_from: int | None) -> None:
         self._metrics_file = self._eval_file = self._events = None
         if not self.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / CONFIG_FILE, self.config.to_gin())
+        config_file = self.run_dir / CONFIG_FILE
+        if resumed_from is not None and config_file.is_file():
+            changes = config_changes(RunConfig.load(config_file), self.config)
+            if changes:
+                kept = keep_config_history(self.run_dir, resumed_from)
+                log.warning(
+                    "resuming at step %d with changed settings (the previous config is kept "
+                    "as %s): %s",
+                    resumed_from,
+                    kept,
+                    "; ".join(changes),
+                )
+        atomic_write_text(config_file, self.config.to_gin())
         atomic_write_text(self.run_dir / MODEL_CONFIG_FILE, model_config_to_json(self.model_config))
         for name in (METRICS_FILE, EVAL_FILE):
             truncate_jsonl(self.run_dir / name, self.step)
         self._metrics_file = (self.run_dir / METRICS_FILE).open("a")
-        self._eval_file = (self.run_dir / EVAL_FILE).open("a")
+        if self.config.eval.path is not None:  # no empty eval.jsonl for a run that never evaluates
+            self._eval_file = (self.run_dir / EVAL_FILE).open("a")
         if self.config.log.tensorboard:
             from k2jax.train.tensorboard import EventWriter
 
@@ -290,48 +357,73 @@ class Trainer:
         peak = peak_flops(self.mesh.devices.flat[0], cfg.log.peak_tflops)
         bar = self._progress_bar(total)
         compiled = False
+        ctrl_c = _CtrlC()
         try:
-            while self.step < stop:
-                host_batch = next(self.data, None)
-                if host_batch is None:
-                    log.warning("data exhausted after step %d of %d: stopping", self.step, total)
-                    break
-                batch = self.program.device_batch(host_batch)
-                if not compiled:
-                    seconds = self.program.prepare(self.state, self.frozen, batch)
-                    log.info("compiled the train step in %.1f s", seconds)
-                    compiled = True
-                t0 = time.perf_counter()
-                self.state, metrics = self.program.train_step(self.state, self.frozen, batch)
-                metrics = jax.device_get(metrics)
-                seconds = time.perf_counter() - t0
-                self.step += 1
-                record = self._record(metrics, host_batch, seconds, peak)
-                history.append(record)
-                self._write(record)
-                if bar is not None:
-                    bar.update(1)
-                    loss = record["loss"] if record["loss"] is not None else float("nan")
-                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                if self.step % cfg.log.every == 0 or self.step == total:
-                    log.info(_console_line(record, total))
-                if not record["finite"]:
-                    self._nonfinite(record)
-                if cfg.eval.every and self.step % cfg.eval.every == 0:
-                    self.evaluate()
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+            with ctrl_c:
+                while self.step < stop:
+                    ctrl_c.check()
+                    # The data position of each state: the batch is fetched (and the data
+                    # advanced) before the step runs, so an interrupt in between must save the
+                    # position from before the fetch with the unchanged state.
+                    self._data_states = {self.step: self.data.state()}
+                    host_batch = next(self.data, None)
+                    if host_batch is None:
+                        log.warning(
+                            "data exhausted after step %d of %d: stopping", self.step, total
+                        )
+                        break
+                    self._data_states[self.step + 1] = self.data.state()
+                    batch = self.program.device_batch(host_batch)
+                    if not compiled:
+                        log.info("compiling the train step (%s)", _program_summary(self))
+                        seconds = self.program.prepare(self.state, self.frozen, batch)
+                        log.info("compiled the train step in %.1f s", seconds)
+                        compiled = True
+                    _test_step_delay(self.step + 1, ctrl_c)
+                    ctrl_c.check()
+                    record = self._step(batch, host_batch, peak, total, first=not history)
+                    history.append(record)
+                    if bar is not None:
+                        bar.update(1)
+                        loss = record["loss"] if record["loss"] is not None else float("nan")
+                        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                    if cfg.eval.every and self.step % cfg.eval.every == 0:
+                        self.evaluate()
+                    # No checkpoint inside a non-finite streak: its state may be the one that
+                    # diverged (see _nonfinite); the next finite step saves as scheduled.
+                    if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                        self._save_if_finite(record)
+                if self.last_saved_step != self.step and self._last_streak == 0:
                     self.save()
-            if self.last_saved_step != self.step:
-                self.save()
-            self.checkpointer.wait()
+                self.checkpointer.wait()
         except KeyboardInterrupt:
-            self._save_on_interrupt()
+            if not ctrl_c.abandon:
+                self._save_on_interrupt()
             raise
         finally:
             if bar is not None:
                 bar.close()
             self._flush()
         return history
+
+    def _step(self, batch, host_batch, peak, total: int, first: bool) -> dict:
+        """Runs one train step; records, logs and guards its metrics."""
+        t0 = time.perf_counter()
+        self.state, metrics = self.program.train_step(self.state, self.frozen, batch)
+        metrics = jax.device_get(metrics)
+        seconds = time.perf_counter() - t0
+        self.step += 1
+        record = self._record(metrics, host_batch, seconds, peak)
+        self._write(record)
+        if self.step % self.config.log.every == 0 or self.step == total or first:
+            log.info(_console_line(record, total))
+        self._last_streak = record["nonfinite_streak"]
+        if first:
+            self._log_qk_thresholds(record)
+        if not record["finite"]:
+            self._nonfinite(record)
+        self._check_alive(record)
+        return record
 
     def _progress_bar(self, total: int):
         if not (self.config.log.progress and self.is_main):
@@ -358,9 +450,14 @@ class Trainer:
             "step_time_s": seconds,
             "tokens_per_s": tokens / seconds,
             "mfu": flops / (seconds * self.mesh.size * peak) if peak else None,
+            # The peak MFU divides by (k2jax.train.step.PEAK_TFLOPS: the measured 800 TFLOP/s of an
+            # H100/H200, not the datasheet's 989) and where it came from.
+            "mfu_peak_tflops": peak / 1e12 if peak else None,
+            "mfu_peak": peak_source(self.mesh.devices.flat[0], self.config.log.peak_tflops),
             "max_attention_logit": _finite_or_none(m["max_attention_logit"]),
             "qk_clipped_heads": int(m["qk_clipped_heads"]),
             "expert_load": [float(x) for x in load],
+            "moe_exchange_rounds": int(m["moe_exchange_rounds"]),
             "expert_load_cv": float(load.std() / load.mean())
             if load.size and load.mean()
             else None,
@@ -386,7 +483,20 @@ class Trainer:
             self._events.scalars(record["step"], scalars)
             self._events.flush()
 
+    def _save_if_finite(self, record: dict) -> None:
+        if record["nonfinite_streak"] == 0:
+            self.save()
+
     def _nonfinite(self, record: dict) -> None:
+        """A skipped step; after max_nonfinite_steps in a row, stop (NonFiniteError).
+
+        The state that produced the streak — the one after the last applied update, step
+        s = first non-finite step − 1 — is presumed to have diverged (that many different
+        batches all non-finite): its checkpoint, if one was written, is moved aside (to
+        `<checkpoint dir>-nonfinite/<s>`, kept for inspection), so that a rerun resumes from the
+        newest checkpoint of a state whose own step was finite. Skipped steps do not change the
+        state, and no checkpoint is written inside a streak.
+        """
         limit = self.config.train.max_nonfinite_steps
         log.warning(
             "step %d: non-finite loss or gradient; update skipped (%d in a row, %d in all)",
@@ -394,14 +504,72 @@ class Trainer:
             record["nonfinite_streak"],
             record["nonfinite_total"],
         )
-        if record["nonfinite_streak"] >= limit:
-            raise NonFiniteError(
-                f"stopping at step {record['step']}: {limit} consecutive steps had a non-finite "
-                "loss or gradient (their updates were skipped; the state is that of the last good "
-                f"step, checkpointed at step {self.last_saved_step}). Lower optim.learning_rate, "
-                "keep optim.grad_clip_norm on, or check the data around this step "
-                f"(data state: {json.dumps(self.data.state())})"
+        if record["nonfinite_streak"] < limit:
+            return
+        diverged = record["step"] - record["nonfinite_streak"]  # the state of step s
+        self.checkpointer.wait()
+        moved = [
+            self.checkpointer.set_aside(s) for s in self.checkpointer.all_steps() if s >= diverged
+        ]
+        kept = self.checkpointer.all_steps()
+        self.last_saved_step = kept[-1] if kept else None
+        where = (
+            f"the newest checkpoint is step {kept[-1]}"
+            if kept
+            else "no checkpoint is left: a rerun starts from step 0"
+        )
+        raise NonFiniteError(
+            f"stopping at step {record['step']}: {limit} consecutive steps had a non-finite "
+            f"loss or gradient, so the state after step {diverged} is taken to have diverged"
+            + (f" (its checkpoint was moved aside to {moved[0]})" if moved else "")
+            + f"; {where}. Lower optim.learning_rate, keep optim.grad_clip_norm on, or check "
+            "the data around this step, then rerun to resume "
+            f"(data state: {json.dumps(self.data.state())})"
+        )
+
+    def _check_alive(self, record: dict) -> None:
+        """Warns once about a finite but dead run: a zero gradient norm three steps in a row
+        (nothing can learn; with LoRA B at zero, the A gradient alone is zero but B's is not)."""
+        dead = record["finite"] and record["grad_norm"] == 0.0
+        self._dead_steps = self._dead_steps + 1 if dead else 0
+        if self._dead_steps == 3 and not self._warned_dead:
+            self._warned_dead = True
+            lnv = math.log(self.model_config.vocab_size)
+            log.warning(
+                "steps %d-%d: the gradient norm is exactly 0 (loss %.4f; ln(vocab) = %.4f): "
+                "nothing is learning. Check that the data has assistant tokens to learn "
+                "(loss_tokens %s), that lora.targets names modules of this model, and that the "
+                "base weights are not all zeros",
+                record["step"] - 2,
+                record["step"],
+                record["loss"],
+                lnv,
+                record["loss_tokens"],
             )
+
+    def _log_qk_thresholds(self, record: dict) -> None:
+        """After the first step: QK-clip's per-head thresholds (k2jax.optim.qk_clip)."""
+        tau = self.config.optim.qk_clip_tau
+        if tau is None or not record["finite"]:
+            return
+        from k2jax.optim import logit_scale_factor
+
+        tau_logit = tau * logit_scale_factor(self.model_config)
+        thr = np.concatenate(
+            [np.ravel(x) for x in jax.tree.leaves(jax.device_get(self.state["qk_thresholds"]))]
+        )
+        above = int(np.sum(thr > tau_logit))
+        log.info(
+            "QK-clip: τ = %g (× m² = %.3f: %.1f in logit units); %d of %d heads start above it "
+            "and keep their own step-1 max as threshold; %d heads clipped at step %d",
+            tau,
+            logit_scale_factor(self.model_config),
+            tau_logit,
+            above,
+            thr.size,
+            record["qk_clipped_heads"],
+            record["step"],
+        )
 
     # Evaluation and checkpoints -----------------------------------------------------------------
     def evaluate(self) -> dict | None:
@@ -444,27 +612,37 @@ class Trainer:
         return record
 
     def save(self) -> None:
-        """Starts an (async) checkpoint of the current state and data position."""
+        """Starts an (async) checkpoint of the current state and its data position."""
         self.setup()
-        # The state's own step: after an interrupt it may be one ahead of the recorded metrics
-        # (the step ran, its batch is consumed), and it is the state that must match the data.
+        # The state's own step: after an interrupt it may differ from the recorded metrics (the
+        # step ran, or the batch was fetched but not run), and it is the state that must match
+        # the data: each state step has its data position in _data_states.
         step = int(jax.device_get(self.state["step"]))
-        meta = {"data_state": self.data.state(), "tokens_seen": self.tokens_seen}
+        data_state = self._data_states.get(step)
+        if data_state is None:  # a bug, not a user error: never save a mismatched position
+            raise RuntimeError(f"no data position recorded for the state of step {step}")
+        meta = {"data_state": data_state, "tokens_seen": self.tokens_seen}
         self.checkpointer.save(step, self.state, meta)
         self.last_saved_step = step
 
     def _save_on_interrupt(self) -> None:
         """Ctrl-C: keep the work done since the last checkpoint, if the state is intact (an
-        interrupt inside a step's dispatch may leave it donated)."""
+        interrupt inside a step's dispatch may leave it donated) and finite."""
         if any(x.is_deleted() for x in jax.tree.leaves(self.state)):
             log.warning(
                 "interrupted mid-step: the newest checkpoint is step %s", self.last_saved_step
             )
             return
-        if int(jax.device_get(self.state["step"])) != self.last_saved_step:
-            log.warning("interrupted: saving a checkpoint before exiting (Ctrl-C again to abandon)")
-            self.save()
-            self.checkpointer.wait()
+        step = int(jax.device_get(self.state["step"]))
+        if step == self.last_saved_step or (step == 0 and self.last_saved_step is None):
+            log.warning("interrupted: nothing new to save (newest checkpoint: step %s)", step)
+            return
+        if self._last_streak:
+            log.warning("interrupted inside a non-finite streak: not saving that state")
+            return
+        log.warning("saving step %d before exiting (Ctrl-C again to abandon)", step)
+        self.save()
+        self.checkpointer.wait()
 
     def _flush(self) -> None:
         for f in (self._metrics_file, self._eval_file, self._events):
@@ -472,15 +650,21 @@ class Trainer:
                 f.flush()
 
     def close(self) -> None:
-        """Waits for pending checkpoint writes and closes files."""
-        if not self._ready:
-            return
-        self.checkpointer.wait()
-        self.checkpointer.close()
-        for f in (self._metrics_file, self._eval_file, self._events):
+        """Waits for pending checkpoint writes and closes files — also after a set-up that
+        failed half-way (an open checkpoint manager would complain at interpreter exit)."""
+        checkpointer = getattr(self, "checkpointer", None)
+        if checkpointer is not None:
+            checkpointer.wait()
+            checkpointer.close()
+            self.checkpointer = None
+        for name in ("_metrics_file", "_eval_file", "_events"):
+            f = getattr(self, name, None)
             if f is not None:
                 f.close()
-        self.data.close()
+                setattr(self, name, None)
+        data = getattr(self, "data", None)
+        if data is not None:
+            data.close()
         self._ready = False
 
     def __enter__(self) -> Trainer:
@@ -488,6 +672,88 @@ class Trainer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _mesh_too_large(m, devices, model_config) -> str:
+    """What to do when the mesh asks for more devices than this machine has."""
+    n, have = m.size, len(devices)
+    platform = devices[0].platform
+    fits = [
+        e for e in range(have, 0, -1) if have % e == 0 and model_config.n_routed_experts % e == 0
+    ]
+    expert = fits[0] if fits else 1
+    hint = (
+        f"for this machine use e.g. --set mesh.data={have // expert} --set mesh.expert={expert} "
+        "--set mesh.tensor=1"
+    )
+    if platform == "cpu":
+        hint += (
+            f", or simulate {n} CPU devices with XLA_FLAGS=--xla_force_host_platform_device_count"
+            f"={n} (slow; for tests)"
+        )
+    return (
+        f"mesh data={m.data} × expert={m.expert} × tensor={m.tensor} needs {n} devices, but this "
+        f"machine has {have} ({platform}): {hint}. To see whether the {n}-device mesh fits its "
+        f"GPUs without them, run: k2jax plan --config CONFIG --mesh data={m.data},"
+        f"expert={m.expert},tensor={m.tensor} --device-memory-gb GB"
+    )
+
+
+def _program_summary(trainer: Trainer) -> str:
+    m = trainer.config.mesh
+    return (
+        f"mesh data={m.data} expert={m.expert} tensor={m.tensor}, "
+        f"{trainer.config.data.batch_size} rows × {trainer.config.data.seq_len} tokens"
+    )
+
+
+class _CtrlC:
+    """Ctrl-C during `fit`: the first one stops the loop at the next safe point — after the
+    compile or the running step, never inside the bookkeeping that pairs a state with its data
+    position — and the trainer saves; a second one abandons at once, without saving.
+
+    Python delivers SIGINT as a KeyboardInterrupt in whatever Python code runs next, which
+    during a long XLA compile can be a garbage-collection callback, where the exception is
+    printed and swallowed (seen with jax 0.12): the run would then go on as if nothing happened.
+    Hence a handler that only records the request, and `check()` at the safe points. In a
+    thread other than the main one (where signals cannot be handled) it does nothing.
+    """
+
+    def __init__(self):
+        self.requested = self.abandon = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            self.abandon = True
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupted: stopping after the current step (Ctrl-C again to abandon)")
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
+def _test_step_delay(step: int, ctrl_c: _CtrlC) -> None:
+    """Test hook: with K2JAX_TEST_STEP_DELAY="STEP:SECONDS", wait before running step STEP
+    (after its batch was fetched) — the window in which the Ctrl-C test interrupts a step."""
+    spec = os.environ.get(STEP_DELAY_ENV)
+    if spec:
+        at, seconds = spec.split(":")
+        deadline = time.monotonic() + float(seconds)
+        while int(at) == step and time.monotonic() < deadline and not ctrl_c.requested:
+            time.sleep(0.05)
 
 
 def _finite_or_none(x) -> float | None:
