@@ -45,12 +45,12 @@ per step; the LM head alone is 4.70 of it, the routed experts and their LoRA 4.2
 (d) 13.78.
 
 800 TFLOP/s is the measured bf16 matmul ceiling of an H100/H200 through jax (GPU_NOTES.md), the
-issue's reference; `mfu_datasheet` divides by `peak_flops()`'s datasheet table instead (989 for
+issue's reference; `mfu_datasheet` divides by `peak_flops(device, datasheet=True)` instead (989 for
 H100/H200). Peak memory is device.memory_stats()["peak_bytes_in_use"] (None where the backend has
 no statistics, e.g. CPU). jax cannot reset that statistic, so `peak_memory_set_by` says whether
 the train step or the random init before it set it; `step_peak_estimate_bytes` (resident bytes
 after init + the compiled step's temporaries + its non-aliased outputs) is the step's own figure.
-`k2jax plan` (sharding/planner.py) predicts 45.8 GiB for (b) and 38.4 GiB for (d) on one device.
+`k2jax plan` (k2jax/train/planner.py) predicts 45.8 GiB for (b) and 38.4 GiB for (d) on one device.
 
 `project_8xh200` turns (b) and (c) into the estimate of full Kimi-K2 on one 8-GPU node; its
 docstring states the method. Only jax APIs present in jax 0.11.2 (the GPU machine's) are used.
@@ -138,6 +138,9 @@ CASES = {
 }
 TINY_PRESET = "tiny.gin"
 SEQ, TINY_SEQ = 4096, 256
+# All-to-all bytes sent per exchange over the useful bytes, as `k2jax plan --json` counted them
+# from the compiled K2-width step on 8 devices (RESULTS.md, issue 12): the capacity factor 1.25.
+A2A_VOLUME_RATIO = 587_202_560 / 469_762_048
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,7 +294,7 @@ def run_case(
     tokens = int((host["segment_ids"] > 0).sum())
     flops = float(program.step_flops(host["segment_ids"]))
     peak = peak_flops(device, peak_tflops)
-    datasheet = peak_flops(device)
+    datasheet = peak_flops(device, datasheet=True)
     n_dev = mesh.devices.size
     mem = None
     if compiled is not None:
@@ -420,6 +423,7 @@ def project_8xh200(
     gpus: int = 8,
     nvlink_gb_s: float = 450.0,
     a2a_passes: int = 3,
+    a2a_volume_ratio: float = A2A_VOLUME_RATIO,
     gmm_rows: list[dict] | None = None,
 ) -> dict:
     """AN ESTIMATE of full Kimi-K2 LoRA tokens/s on one node of `gpus` GPUs under expert=8, from
@@ -444,16 +448,22 @@ def project_8xh200(
     of gate|up and down at E384, 32k rows, which is exactly (b)'s shape — by the same FLOPs at
     (a)'s E48 rate.
 
-    All-to-all per MoE layer per GPU, bytes leaving the GPU: T·top_k·hidden·2 (bf16) × 2
-    (dispatch + combine) × 7/8 (1/8 of the pairs stay local) × a2a_passes (3: forward, the forward
-    recomputed by remat "full", backward). Over NVLink at `nvlink_gb_s` per direction per GPU
-    (assumed 450 GB/s: H200/H100 NVLink 4, 900 GB/s bidirectional). Plus the all-reduce of the
-    replicated (non-expert) LoRA gradients in float32, ring: 2·(P−1)/P · 4 B · N.
+    All-to-all per MoE layer per GPU, bytes leaving the GPU: the useful T·top_k·hidden·2 (bf16)
+    × `a2a_volume_ratio` (what the exchange sends over what is useful, as `k2jax plan --json`
+    counts it from the compiled step: all_to_all_bytes_per_exchange / useful_bytes_per_exchange
+    = 1.25 for the K2-width step on 8 devices, the capacity factor; common-case routing, no
+    overflow round) × 2 (dispatch + combine) × 7/8 (the block for the GPU itself stays local) ×
+    a2a_passes (3: forward, the forward recomputed by remat "full", backward). Over NVLink at
+    `nvlink_gb_s` per direction per GPU (assumed 450 GB/s: H200/H100 NVLink 4, 900 GB/s
+    bidirectional). Plus the all-reduce of the replicated (non-expert) LoRA gradients in float32,
+    ring: 2·(P−1)/P · 4 B · N.
       no overlap:   t = t_compute + t_comm
-      full overlap: t = max(t_compute, t_comm)  (needs the dispatch pipelined against compute,
-                    which the library does not do yet)
-    `*_padded_a2a` is the library's dispatch as implemented today (sharding/expert_parallel.py):
-    dropless padded all_to_all buffers of A rows per peer, i.e. P× the useful bytes.
+      full overlap: t = max(t_compute, t_comm)  — the assumption that the exchanges hide under
+                    the expert GEMMs: each device's tokens run as 2 independent sub-chunks
+                    (ComputeConfig.moe_overlap_chunks), whose collectives XLA's latency-hiding
+                    scheduler may overlap with the other sub-chunk's GEMMs; unmeasured
+    `*_padded_a2a` is the previous dispatch (before issue 12): padded all_to_all buffers of A
+    rows per peer, P× the useful bytes.
 
     tokens/s = gpus · T / t. Not counted: load imbalance between experts (real routing is less
     uniform than random weights), stragglers, host overheads of 8 processes.
@@ -469,12 +479,13 @@ def project_8xh200(
     t_compute = t_fixed + L * t_moe
     D, K = full.hidden_size, full.num_experts_per_tok
     a2a_useful = T * K * D * 2 * 2 * (gpus - 1) / gpus * a2a_passes  # bytes per layer per GPU
+    a2a_sent = a2a_useful * a2a_volume_ratio
     a2a_padded = a2a_useful * gpus
     bw = nvlink_gb_s * 1e9
     tr = b["trainable_params"]
     replicated = tr["top"] + full.num_dense_layers * tr["dense_layer"] + L * tr["moe_layer_other"]
     allreduce_s = 2 * (gpus - 1) / gpus * 4 * replicated / bw
-    t_comm = L * a2a_useful / bw + allreduce_s
+    t_comm = L * a2a_sent / bw + allreduce_s
     t_comm_padded = L * a2a_padded / bw + allreduce_s
     tps = lambda t: gpus * T / t  # noqa: E731
     out = {
@@ -488,8 +499,9 @@ def project_8xh200(
         "t_compute_s": t_compute,
         "nvlink_gb_s_per_direction": nvlink_gb_s,
         "a2a_passes": a2a_passes,
-        "a2a_bytes_per_token_per_layer": a2a_useful / T,
-        "a2a_s_per_step": L * a2a_useful / bw,
+        "a2a_volume_ratio": a2a_volume_ratio,
+        "a2a_bytes_per_token_per_layer": a2a_sent / T,
+        "a2a_s_per_step": L * a2a_sent / bw,
         "lora_allreduce_s_per_step": allreduce_s,
         "replicated_trainable_params": replicated,
         "tokens_per_s_no_overlap": tps(t_compute + t_comm),

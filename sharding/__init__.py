@@ -1,6 +1,8 @@
-"""k2jax.sharding: the device mesh, the logical-axis rules table, expert-parallel dispatch and the
-memory planner. Nothing runs at import time, and jax itself is imported on first use (so that
-`k2jax plan` can still choose how many CPU devices jax simulates)."""
+"""k2jax.sharding: the device mesh and the logical-axis rules table — primitives that import
+nothing else of k2jax (the expert-parallel dispatch is model code, k2jax/model/expert_parallel.py;
+the memory planner is a tool over the train step, k2jax/train/planner.py). Nothing runs at
+import time, and jax itself is imported on first use (so that `k2jax plan` can still choose how
+many CPU devices jax simulates)."""
 
 import importlib
 
@@ -15,6 +17,7 @@ _EXPORTS = {
     "ShardingRuleError": "rules",
     "flax_rules": "rules",
     "logical_specs": "rules",
+    "mesh_axes": "rules",
     "param_shardings": "rules",
     "spec_for": "rules",
     "use_mesh": "rules",

@@ -10,12 +10,16 @@ they live on the (data, expert, tensor) mesh. Changing a parallelism strategy to
     vocab              tensor               embedding and LM head (vocab-parallel head and loss)
     heads              tensor               q_b_proj / kv_b_proj rows, o_proj columns (MLA heads)
     mlp                tensor               dense and shared-expert SwiGLU width
-    experts            (expert, tensor)     the stacked routed experts, their scales and LoRA
+    experts            (expert, tensor)     the stacked routed experts, their scales and LoRA; the
+                                            expert-parallel group of the MoE's all-to-all
+    moe_tokens         (data, expert,       tokens inside the MoE: each device routes its own
+                        tensor)             share (k2jax/model/expert_parallel.py)
     embed, q_lora, kv_lora, kv_a, expert_mlp, *_groups, router_experts, lora_rank, layers,
     qk_clip_part, qk_clip_heads (MuonClip's per-head factors, tiny)                           —
 
-Inside the MoE the tokens are split over all three axes and exchanged over (expert, tensor); see
-expert_parallel.py. Optimizer state follows the parameter it belongs to.
+Inside the MoE the tokens are split over all three axes ("moe_tokens") and exchanged over the
+experts' axes (k2jax/model/expert_parallel.py reads both from here with `mesh_axes`). Optimizer
+state follows the parameter it belongs to.
 
 `spec_for(names)` fails when a name has no rule or when a spec would use one mesh axis twice.
 """
@@ -41,6 +45,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_lora", None),
     ("kv_a", None),
     ("experts", ("expert", "tensor")),
+    ("moe_tokens", ("data", "expert", "tensor")),
     ("expert_mlp", None),
     ("embed_groups", None),
     ("expert_mlp_groups", None),
@@ -77,6 +82,14 @@ def spec_for(names: Sequence[str | None]) -> PartitionSpec:
             used.append(a)
         out.append(axes)
     return PartitionSpec(*out)
+
+
+def mesh_axes(name: str) -> tuple[str, ...]:
+    """The mesh axes a logical axis maps to, as a tuple (empty: replicated)."""
+    if name not in _RULE_MAP:
+        raise ShardingRuleError(f"logical axis {name!r} has no rule in k2jax.sharding.rules.RULES")
+    axes = _RULE_MAP[name]
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
 def logical_specs(boxed_tree):

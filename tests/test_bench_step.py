@@ -61,7 +61,8 @@ def test_projection_arithmetic(bench_step):
     assert p["t_compute_s"] == pytest.approx(0.20 + 60 * 0.10)
     a2a = 4096 * 8 * 7168 * 2 * 2 * 7 / 8 * 3  # bytes per MoE layer per GPU
     allreduce = 2 * 7 / 8 * 4 * (2_000_000 + 60 * 1_000_000) / 450e9
-    comm = 60 * a2a / 450e9 + allreduce
+    comm = 60 * a2a * 1.25 / 450e9 + allreduce  # the exchange sends 1.25× the useful rows
+    assert p["a2a_volume_ratio"] == pytest.approx(1.25)
     assert p["tokens_per_s_no_overlap"] == pytest.approx(8 * 4096 / (6.2 + comm))
     assert p["tokens_per_s_full_overlap"] == pytest.approx(8 * 4096 / max(6.2, comm))
     padded = 60 * a2a * 8 / 450e9 + allreduce

@@ -122,12 +122,70 @@ def lora_grads(tiny):
     return run
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "layer_io"])
+@pytest.mark.parametrize("remat", ["full", "selective", "dots", "layer_io"])
 def test_remat_policies_do_not_change_results(lora_grads, remat):
     (l0, g0), (l1, g1) = lora_grads("none"), lora_grads(remat)
     assert rel_err(l1, l0) <= 1e-6
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
         assert rel_err(a, b) <= 1e-5
+
+
+def _frozen_passes(tiny, remat) -> dict[str, float]:
+    """Matmuls per step that consume each kind of frozen weight, per layer, read from the jaxpr
+    of the LoRA gradient (scan bodies × their length): attention's q_b_proj, the routed
+    experts' gate|up and down stacks."""
+    cfg, _, v = tiny
+    m = Transformer(cfg, dataclasses.replace(F32, remat=remat), LoraConfig(rank=4))
+    lv = nn.unbox(jax.eval_shape(lambda: init_variables(m, jax.random.key(0))))["lora"]
+    tokens = jnp.zeros((2, 8), jnp.int32)
+
+    def f(lv):
+        s, _ = m.apply(
+            {"params": v["params"], "lora": lv},
+            tokens,
+            tokens,
+            jnp.ones((2, 8)),
+            method=Transformer.loss,
+        )
+        return s["loss_sum"]
+
+    experts = v["params"]["moe_layers"]["mlp"]["experts"]
+    weights = {
+        "q_b_proj": v["params"]["moe_layers"]["self_attn"]["q_b_proj"]["weight"].shape[1:],
+        "gate_up": experts["gate_up_proj"]["weight"].shape[1:],
+        "down": experts["down_proj"]["weight"].shape[1:],
+    }
+    counts = dict.fromkeys(weights, 0)
+
+    def walk(jaxpr, times):
+        for e in jaxpr.eqns:
+            if e.primitive.name in ("dot_general", "ragged_dot_general"):
+                for x in e.invars:
+                    for name, shape in weights.items():
+                        counts[name] += times * (tuple(getattr(x.aval, "shape", ())) == shape)
+            inner = times * (e.params["length"] if e.primitive.name == "scan" else 1)
+            for p in e.params.values():
+                for sub in p if isinstance(p, (list, tuple)) else [p]:
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        walk(sub, inner)
+
+    walk(jax.make_jaxpr(jax.grad(f))(lv).jaxpr, 1)
+    layers = {"q_b_proj": cfg.num_hidden_layers, "gate_up": cfg.num_moe_layers}
+    return {k: n / layers.get(k, cfg.num_moe_layers) for k, n in counts.items()}
+
+
+def test_selective_remat_equals_full_and_multiplies_frozen_weights_twice(tiny, lora_grads):
+    """remat "selective" saves the frozen matmuls' outputs: the same loss and gradients as
+    "full" (float32, 1e-6), and every frozen weight is multiplied twice per step (forward and
+    input gradient) instead of three times (the recompute)."""
+    (l0, g0), (l1, g1) = lora_grads("full"), lora_grads("selective")
+    assert rel_err(l1, l0) <= 1e-6
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        assert rel_err(a, b) <= 1e-6
+    assert _frozen_passes(tiny, "full") == {"q_b_proj": 3, "gate_up": 3, "down": 3}
+    assert _frozen_passes(tiny, "selective") == {"q_b_proj": 2, "gate_up": 2, "down": 2}
+    assert _frozen_passes(tiny, "none") == {"q_b_proj": 2, "gate_up": 2, "down": 2}
 
 
 def test_lora_step0_equals_base_model(tiny):

@@ -206,7 +206,8 @@ def test_mlp_and_moe(reference, name):
         if i < c.first_k_dense_replace:
             got = MLP(c.intermediate_size, model.compute).apply({"params": p}, x)
         else:
-            got, load = MoE(c, model.compute).apply({"params": p}, x)
+            got, aux = MoE(c, model.compute).apply({"params": p}, x)
+            load = aux["expert_load"]
             assert float(load.sum()) == x.shape[0] * x.shape[1] * c.num_experts_per_tok
         assert rel_err(got, out[f"layers.{i}.mlp.out"]) <= TOL, i
 

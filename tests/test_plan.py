@@ -44,6 +44,18 @@ def test_full_kimi_k2_thinking_fits_8xh200(capsys):
     # LoRA r=16 on every linear: routed-expert adapters 10.2e9 fp32 / 8 + the replicated rest
     assert 5.0e9 < r["lora"] < 6.0e9 and r["optimizer"] >= r["lora"]  # Muon momentum
     assert r["per_device_bytes"] <= r["device_memory_bytes"] - r["reserve_bytes"]
+    # The expert-parallel exchange, counted from the compiled step: a device's 4096 tokens × 8
+    # experts of 7168 bf16 values are useful; the capacity blocks send 1.25× that (issue 12: at
+    # most 1.5×; the padded dispatch before sent 8×).
+    assert r["useful_bytes_per_exchange"] == 4096 * 8 * 7168 * 2
+    assert r["all_to_all_bytes_per_exchange"] <= 1.5 * r["useful_bytes_per_exchange"]
+    assert r["overflow_round_bytes"] == r["all_to_all_bytes_per_exchange"]
+
+
+def test_plan_finds_packaged_config_names(capsys):
+    """--config takes a packaged config's name, as `k2jax train` does."""
+    r = _plan(capsys, "--config", "tiny.gin", "--mesh", "data=1,expert=2,tensor=1", "--seq", "64")
+    assert r["fits"] is True
 
 
 def test_tiny_plan_splits_the_experts_and_says_when_it_does_not_fit(capsys):
@@ -89,3 +101,18 @@ def test_preset_refuses_overrides_it_would_ignore(capsys):
     args = ["plan", "--config", str(CONFIG_DIR / "tiny.gin"), "--mesh", "data=1,expert=2,tensor=1"]
     assert main([*args, "--set", 'optim.name="adamw"']) == 2
     assert "only model.* overrides" in capsys.readouterr().err
+
+
+def test_every_remat_policy_in_one_table(capsys):
+    """--remat all plans each policy: "none" keeps the most, "full" the least, "selective"
+    (frozen matmul outputs saved) lies between."""
+    args = ["plan", "--config", "tiny.gin", "--mesh", "data=1,expert=2,tensor=1", "--seq", "128"]
+    assert main([*args, "--remat", "all", "--json"]) == 0
+    out = capsys.readouterr().out
+    policies = json.loads(out.strip().splitlines()[-1])["policies"]
+    temps = {name: r["temporaries"] for name, r in policies.items()}
+    assert set(temps) == {"none", "full", "selective", "dots", "layer_io"}
+    assert temps["full"] < temps["selective"] < temps["none"]
+    assert all(r["remat"] == name for name, r in policies.items())
+    assert "selective" in out.split("{")[0]  # the table before the JSON
+    assert main([*args, "--remat", "sometimes"]) == 2

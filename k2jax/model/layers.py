@@ -12,6 +12,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from k2jax.lora import LoraConfig
 from k2jax.model.options import ComputeConfig, accum_dtype
@@ -108,8 +109,11 @@ class Linear(nn.Module):
             if self.lora.dropout > 0 and self.has_rng("dropout"):
                 lx = nn.Dropout(self.lora.dropout, deterministic=False)(x)
             t = jnp.einsum("...i,ri->...r", lx, a.astype(dtype)) * self.lora.scale
+            t = checkpoint_name(t, "lora_t")
             y = y + jnp.einsum("...r,or->...o", t.astype(dtype), b.astype(dtype))
-        return y
+        # Named for remat "selective": the output of a frozen-weight matmul, saved so the backward
+        # pass does not multiply by the frozen weight a third time (k2jax.model.options).
+        return checkpoint_name(y, "proj_out")
 
 
 class Embed(nn.Module):

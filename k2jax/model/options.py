@@ -18,12 +18,21 @@ def accum_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-# Rematerialisation policies for the scanned decoder layers.
-#   none   keep every activation (fastest, most memory)
-#   full   recompute the whole layer in the backward pass (least memory)
-#   dots   save matmul outputs without batch dims (jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-#   layer_io  save only the named layer-boundary activations (attention output, MoE output)
-REMAT_POLICIES = ("none", "full", "dots", "layer_io")
+# Rematerialisation policies for the scanned decoder layers (what the backward pass recomputes).
+#   none       keep every activation (most memory; every frozen weight multiplies twice a step:
+#              forward and input gradient)
+#   full       recompute the whole layer in the backward pass (least memory; three passes over
+#              every frozen weight: forward, recompute, input gradient)
+#   selective  save the outputs of every frozen-weight matmul — the linears ("proj_out"), the
+#              routed experts' gate|up and down GEMMs ("expert_h", "expert_out") — and the LoRA
+#              intermediates ("lora_t"), the attention and MoE outputs; recompute only the cheap
+#              rest (norms, RoPE, SwiGLU, routing, attention's softmax): two passes over every
+#              frozen weight, at a fraction of "none"'s memory
+#   dots       save matmul outputs without batch dims (jax.checkpoint_policies.dots_with_no_batch_
+#              dims_saveable: not the expert GEMMs, which are not dot_general)
+#   layer_io   save only the named layer-boundary activations (attention output, MoE output)
+REMAT_POLICIES = ("none", "full", "selective", "dots", "layer_io")
+SELECTIVE_NAMES = ("proj_out", "lora_t", "expert_h", "expert_out", "attn_out", "mlp_out")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,9 +45,14 @@ class ComputeConfig:
     attention_impl: str = "auto"
     gmm_impl: str = "auto"
     loss_chunk_tokens: int = 2048  # tokens per chunk of the LM head + cross-entropy
-    # Tokens per device per expert-parallel dispatch (0 = all at once). Bounds the dropless padded
-    # all-to-all buffers (see k2jax.sharding.expert_parallel); must divide batch·seq / devices.
+    # Expert parallelism (k2jax/model/expert_parallel.py). moe_chunk_tokens: tokens per device per
+    # memory chunk, run one after another (0 = all at once); must divide batch·seq / devices.
+    # moe_capacity_factor: rows per peer block of the all-to-all, × the average (pairs / peers);
+    # pairs beyond it go in exact overflow rounds. moe_overlap_chunks: independent sub-chunks per
+    # chunk, so one's all-to-all can overlap another's expert GEMMs on GPU (1 = off).
     moe_chunk_tokens: int = 0
+    moe_capacity_factor: float = 1.25
+    moe_overlap_chunks: int = 2
 
     def __post_init__(self):
         check_field_types(self, "compute")
@@ -55,6 +69,14 @@ class ComputeConfig:
             raise ConfigError("compute.int4_group_size and compute.loss_chunk_tokens must be > 0")
         if self.moe_chunk_tokens < 0:
             raise ConfigError(f"compute.moe_chunk_tokens must be >= 0, got {self.moe_chunk_tokens}")
+        if not self.moe_capacity_factor > 0:
+            raise ConfigError(
+                f"compute.moe_capacity_factor must be > 0, got {self.moe_capacity_factor}"
+            )
+        if self.moe_overlap_chunks < 1:
+            raise ConfigError(
+                f"compute.moe_overlap_chunks must be >= 1, got {self.moe_overlap_chunks}"
+            )
 
     @property
     def jnp_dtype(self):
@@ -72,4 +94,6 @@ class ComputeConfig:
             return jax.checkpoint_policies.nothing_saveable
         if self.remat == "dots":
             return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+        if self.remat == "selective":
+            return jax.checkpoint_policies.save_only_these_names(*SELECTIVE_NAMES)
         return jax.checkpoint_policies.save_only_these_names("attn_out", "mlp_out")

@@ -9,7 +9,7 @@ model.preset or from model.path's config.json). `--max-seq` searches the longest
 fits. With `--json` the last line is one JSON object with at least `per_device_bytes` and `fits`.
 
 The command sets how many CPU devices jax simulates (the mesh size) before jax starts; see
-k2jax.sharding.planner for how the compiled CPU program stands in for the GPU one.
+k2jax.train.planner for how the compiled CPU program stands in for the GPU one.
 """
 
 from __future__ import annotations
@@ -18,10 +18,15 @@ import argparse
 import json
 import math
 import os
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="model preset or run config (gin)")
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="model preset or run config (gin; a path or a name in k2jax/configs)",
+    )
     parser.add_argument(
         "--mesh", default="data=1,expert=8,tensor=1", help="data=..,expert=..,tensor=.."
     )
@@ -50,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-seq", action="store_true", help="find the longest sequence that fits"
     )
+    parser.add_argument(
+        "--remat",
+        default=None,
+        metavar="POLICY",
+        help="remat policy to plan (one of ComputeConfig's REMAT_POLICIES), or 'all' for a "
+        "table of every policy (default: the config's)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override")
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object as the last line"
@@ -59,11 +71,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _configs(path: str, overrides: list[str]):
     """(ModelConfig, compute, lora, optim, run) from a preset or a run config (run: the
     RunConfig, or None for a preset)."""
-    from k2jax.config import ConfigError, ModelConfig, load_model_config, parse_bindings
+    from k2jax.config import (
+        ConfigError,
+        ModelConfig,
+        find_config_file,
+        load_model_config,
+        parse_bindings,
+    )
     from k2jax.model import ComputeConfig
 
-    with open(path) as f:
-        text_keys = {k for s, k, _, _ in parse_bindings(f.read(), filename=path) if s == "model"}
+    path = str(find_config_file(path))  # a path, or a packaged name such as lora_sft.gin
+    text = Path(path).read_text()
+    text_keys = {k for s, k, _, _ in parse_bindings(text, filename=path) if s == "model"}
     if "path" in text_keys or "preset" in text_keys:
         from k2jax.train.config import RunConfig
 
@@ -107,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
 
     import dataclasses
 
-    from k2jax.sharding.planner import GIB, largest_fitting_seq, plan
+    from k2jax.train.planner import GIB, largest_fitting_seq, plan
 
     model, compute, lora, optim, run_config = _configs(args.config, args.set)
     # A run config plans what it trains: its rows per step, microbatches and sequence length.
@@ -121,6 +140,13 @@ def run(args: argparse.Namespace) -> int:
     if chunk is None:
         chunk = compute.moe_chunk_tokens or 512
     compute = dataclasses.replace(compute, moe_chunk_tokens=chunk)
+    from k2jax.model.options import REMAT_POLICIES
+
+    if args.remat not in (None, "all", *REMAT_POLICIES):
+        raise ValueError(
+            f"--remat must be one of {', '.join(REMAT_POLICIES)} or all, got {args.remat!r}"
+        )
+    policies = REMAT_POLICIES if args.remat == "all" else [args.remat or compute.remat]
     kw = dict(
         mesh_sizes=sizes,
         batch=batch,
@@ -129,20 +155,43 @@ def run(args: argparse.Namespace) -> int:
         reserve_fraction=args.reserve,
         lora=lora,
         optim=optim,
-        compute=compute,
     )
-    if args.max_seq:
-        _, result = largest_fitting_seq(model, step=1024, **kw)
-        if result is None:
-            print(f"nothing fits: even {1024} tokens per row exceed {args.device_memory_gb} GiB")
-            result = plan(model, seq=1024, **kw)
-    else:
-        result = plan(model, seq=seq, **kw)
-    print(result.table())
-    if args.max_seq:
-        print(f"largest sequence that fits: {result.seq if result.fits else 0}")
+    results = {}
+    for policy in policies:
+        c = dataclasses.replace(compute, remat=policy)
+        if args.max_seq:
+            _, result = largest_fitting_seq(model, step=1024, compute=c, **kw)
+            if result is None:
+                print(f"{policy}: nothing fits, even 1024 tokens per row exceed the memory")
+                result = plan(model, seq=1024, compute=c, **kw)
+        else:
+            result = plan(model, seq=seq, compute=c, **kw)
+        results[policy] = result
+        if len(policies) == 1:
+            print(result.table())
+            if args.max_seq:
+                print(f"largest sequence that fits: {result.seq if result.fits else 0}")
+    if len(policies) > 1:
+        print(_policy_table(results, args.max_seq))
     if args.json:
-        out = result.as_dict()
-        out["per_device_gib"] = result.per_device_bytes / GIB
-        print(json.dumps(out))
+        outs = {}
+        for policy, result in results.items():
+            outs[policy] = {**result.as_dict(), "per_device_gib": result.per_device_bytes / GIB}
+            outs[policy]["remat"] = policy
+        print(json.dumps(outs[policies[0]] if len(policies) == 1 else {"policies": outs}))
     return 0
+
+
+def _policy_table(results: dict, max_seq: bool) -> str:
+    """One line per remat policy: what the step holds and whether it fits."""
+    from k2jax.train.planner import GIB
+
+    seq_head = "longest seq" if max_seq else "seq"
+    lines = [f"{'remat':<11}{seq_head:>12}{'temporaries':>14}{'total':>10}  fits"]
+    for policy, r in results.items():
+        seq = r.seq if (r.fits or not max_seq) else 0
+        lines.append(
+            f"{policy:<11}{seq:>12,}{r.temporaries / GIB:>11.2f} GiB{r.per_device_bytes / GIB:>7.2f} "
+            f"GiB  {'yes' if r.fits else 'no'}"
+        )
+    return "\n".join(lines)

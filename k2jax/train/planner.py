@@ -17,6 +17,12 @@ reports:
 
 and a verdict: total ≤ device memory − reserve (CUDA context, allocator fragmentation).
 
+It also counts the expert-parallel exchange from the compiled program's all-to-all instructions
+(`exchange_stats`): the activation bytes one device sends per exchange (one MoE layer's forward
+dispatch of all its tokens; elements of the float all-to-alls × the activation dtype's size,
+since XLA:CPU may widen bf16 collectives), beside the useful bytes — its n·K (token, expert)
+rows of D — and what one overflow round adds when routing is uneven.
+
 Two substitutions make the CPU compile report the GPU program's memory. The grouped matmul and the
 attention are compiled as shape-faithful stand-ins (`impl="plan"`, k2jax/ops): on GPU they are
 kernels whose only buffers are their outputs, while their CPU lowerings (Pallas in interpret mode,
@@ -30,8 +36,10 @@ of the model code; compiling the real step cannot.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +54,7 @@ class PlanResult:
     seq: int
     batch: int
     moe_chunk_tokens: int
+    remat: str
     device_memory_bytes: int
     reserve_bytes: int
     int4_weights: int
@@ -59,6 +68,9 @@ class PlanResult:
     compiled_argument_bytes: int
     compiled_output_bytes: int
     compiled_alias_bytes: int
+    all_to_all_bytes_per_exchange: int = 0
+    useful_bytes_per_exchange: int = 0
+    overflow_round_bytes: int = 0
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -77,9 +89,16 @@ class PlanResult:
         mesh = ",".join(f"{k}={v}" for k, v in self.mesh.items())
         lines = [
             f"mesh {mesh}  seq {self.seq}  batch {self.batch}  "
-            f"moe_chunk_tokens {self.moe_chunk_tokens or 'all'}"
+            f"moe_chunk_tokens {self.moe_chunk_tokens or 'all'}  remat {self.remat}"
         ]
         lines += [f"  {name:<32}{b / GIB:10.2f} GiB" for name, b in rows]
+        if self.useful_bytes_per_exchange:
+            ratio = self.all_to_all_bytes_per_exchange / self.useful_bytes_per_exchange
+            lines.append(
+                f"  expert all-to-all per exchange  {self.all_to_all_bytes_per_exchange / GIB:10.3f}"
+                f" GiB  ({ratio:.2f}× the {self.useful_bytes_per_exchange / GIB:.3f} GiB of routed"
+                f" rows; an overflow round adds {self.overflow_round_bytes / GIB:.3f} GiB)"
+            )
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(f"  verdict: {verdict} (reserve {self.reserve_bytes / GIB:.1f} GiB)")
         return "\n".join(lines)
@@ -188,6 +207,20 @@ def plan(
     other = _tree_bytes(rest, {k: sh[k] for k in rest}) + sum(
         _shard_bytes(x) for x in batch_abs.values()
     )
+    a2a = exchange_stats(
+        compiled.as_text(),
+        activation_bytes=np.dtype(compute.jnp_dtype).itemsize,
+        memory_chunks=_memory_chunks(model_cfg, compute, mesh_sizes, micro, seq),
+    )
+    tokens_per_device = micro * seq // n_dev
+    useful = (
+        tokens_per_device
+        * model_cfg.num_experts_per_tok
+        * model_cfg.hidden_size
+        * np.dtype(compute.jnp_dtype).itemsize
+        if model_cfg.num_moe_layers and n_dev > 1
+        else 0
+    )
     temps = int(ma.temp_size_in_bytes)
     unaliased_out = max(0, int(ma.output_size_in_bytes) - int(ma.alias_size_in_bytes))
     total = int4 + bf16 + lora_b + opt_b + other + temps + unaliased_out
@@ -198,6 +231,7 @@ def plan(
         seq=seq,
         batch=batch,
         moe_chunk_tokens=compute.moe_chunk_tokens,
+        remat=compute.remat,
         device_memory_bytes=mem,
         reserve_bytes=reserve,
         int4_weights=int4,
@@ -211,7 +245,58 @@ def plan(
         compiled_argument_bytes=int(ma.argument_size_in_bytes),
         compiled_output_bytes=int(ma.output_size_in_bytes),
         compiled_alias_bytes=int(ma.alias_size_in_bytes),
+        all_to_all_bytes_per_exchange=a2a["per_exchange"],
+        useful_bytes_per_exchange=useful,
+        overflow_round_bytes=a2a["overflow_round"],
     )
+
+
+_A2A = re.compile(r"=\s*(\(.*?\)|\S+)\s+all-to-all\(")
+_SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def exchange_stats(hlo_text: str, *, activation_bytes: int, memory_chunks: int = 1) -> dict:
+    """Bytes of the MoE's forward dispatch all-to-alls, from compiled HLO text.
+
+    Counted: all-to-all instructions of floating element type whose op name lies in the
+    `moe_dispatch` scope (k2jax/model/expert_parallel.py), not under a transpose (the backward)
+    and deduplicated by (sub-chunk, shape) — the forward and its rematerialised recompute are the
+    same exchange. per_exchange = Σ over the sub-chunks of one layer × `memory_chunks`;
+    overflow_round = the same for the instructions inside the overflow loop (one round).
+    """
+    from k2jax.model.expert_parallel import DISPATCH_SCOPE, OVERFLOW_SCOPE
+
+    seen: dict[str, dict[tuple, int]] = collections.defaultdict(dict)
+    for line in hlo_text.splitlines():
+        m = _A2A.search(line)
+        name = _OP_NAME.search(line)
+        if m is None or name is None:
+            continue
+        op = name.group(1)
+        if f"{DISPATCH_SCOPE}/" not in op or "transpose(" in op:
+            continue
+        elements = 0
+        for dtype, dims in _SHAPE.findall(m.group(1)):
+            if dtype.startswith(("f", "bf")):
+                elements += math.prod(int(d) for d in dims.split(",") if d)
+        if not elements:
+            continue
+        chunk = re.search(r"moe_chunk_(\d+)", op)
+        kind = "overflow_round" if f"{OVERFLOW_SCOPE}/" in op else "per_exchange"
+        key = (chunk.group(1) if chunk else "", m.group(1))
+        seen[kind][key] = elements * activation_bytes
+    return {
+        kind: sum(seen[kind].values()) * memory_chunks
+        for kind in ("per_exchange", "overflow_round")
+    }
+
+
+def _memory_chunks(model_cfg, compute, mesh_sizes, micro: int, seq: int) -> int:
+    """How many memory chunks (ComputeConfig.moe_chunk_tokens) a device's MoE tokens run in."""
+    n = micro * seq // math.prod(mesh_sizes.values())
+    c = compute.moe_chunk_tokens
+    return n // c if 0 < c < n else 1
 
 
 def largest_fitting_seq(model_cfg, *, step: int = 1024, max_seq: int | None = None, **kw):
