@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from k2jax.ops.gmm_pallas import Tiles, grouped_matmul_pallas
+from k2jax.ops.gmm_pallas import Tiles, grouped_matmul_pallas, row_tile
 from k2jax.quant import Int4Weight, dequantize
 
 # (name, experts E, routed rows M, K, N): K2's gate|up (7168 → 2·2048) and down (2048 → 7168)
@@ -171,7 +171,8 @@ def bench_case(name, E, M, K, N, tiles_list, *, warmup, iters, impls):
                 dict(
                     case=name,
                     impl=impl,
-                    tiles=dataclasses.asdict(tiles),
+                    # bm=None: the kernel picks the row tile from the rows per expert
+                    tiles={**dataclasses.asdict(tiles), "bm": tiles.bm or row_tile(M, E)},
                     fwd_ms=fwd_s * 1e3,
                     dx_ms=dx_s * 1e3,
                     rel_err_fwd=err_y,

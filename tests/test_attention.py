@@ -1,4 +1,7 @@
-"""The attention implementations agree with the reference (output, gradients, per-head max logit)."""
+"""The attention implementations agree with the reference (output, gradients, per-head max logit).
+
+"dpa_xla" is the cuDNN path's code on CPU: its max logit is the Pallas kernel in interpret mode
+(tests/test_max_logit_pallas.py tests the kernel itself)."""
 
 from __future__ import annotations
 

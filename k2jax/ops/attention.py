@@ -13,24 +13,39 @@ Besides the output it returns the largest pre-softmax logit of each head over al
 (float32 [H]): MuonClip's QK-clip needs exactly this number (K2_FACTS §5.2).
 
 Implementations:
-  "xla"    the reference: materialises [B, H, T, S] logits; the oracle for tests.
+  "xla"    the reference: materialises [B, H, T, S] logits; the oracle for tests. Its max logit is
+           the max of those logits.
   "cudnn"  cuDNN flash attention through `jax.nn.dot_product_attention` (GPU). cuDNN wants one head
            dim for q, k and v, so the shared rotary key is broadcast to every head and v is
            zero-padded from Dv to Dn + Dr (the padded output columns are exactly zero and are
            cropped). Packed rows pass their segment mask (cuDNN turns it into a bias); the causal
            part uses cuDNN's causal mode. The flash kernel does not expose logits, so the per-head
-           max logit is computed by a separate blocked pass over query chunks (no gradient, no
-           [T, S] buffer larger than one chunk), only when asked for (`with_max_logit`).
+           max logit comes from a second kernel, k2jax/ops/max_logit_pallas.py (Pallas Triton): a
+           flash-attention-shaped pass without softmax and V that keeps a running max in
+           registers and writes one float per (batch, head, query block) — no logit block in
+           memory, and it never broadcasts the rotary key. It runs only when asked for
+           (`with_max_logit`), under stop_gradient.
   "auto"   "cudnn" on GPU, else "xla".
-  "plan"   a shape-faithful stand-in with no [T, S] buffer, for `k2jax plan`'s CPU compile only.
+  "plan"   a shape-faithful stand-in with no [T, S] buffer, for `k2jax plan`'s CPU compile only;
+           its max logit stands in for the kernel's (per-(b, h) reductions of the inputs, no
+           [·, ·, block, S] temporaries), so the plan shows the GPU program's memory.
 The "cudnn" wrapper is tested on CPU through the same code with jax's XLA backend of
-`dot_product_attention` (`impl="dpa_xla"`), so only the cuDNN kernel itself is GPU-only.
+`dot_product_attention` (`impl="dpa_xla"`), whose max logit is the same Pallas kernel, run in
+interpret mode on CPU (compiled on GPU). So only the cuDNN call and the kernel's Triton compile
+are GPU-only; the kernel's partitioning over a mesh and its numerics run in the CPU tests.
+(Rejected: keeping `max_logit_blocked` as dpa_xla's max logit on CPU — faster there, but then the
+cuDNN path's max logit, the part most likely to break, would never run before a GPU does.)
+`max_logit_blocked` is the same number in plain XLA over query blocks (float32 [B, H, block, S]
+temporaries): the kernel's oracle in tests.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from k2jax.ops.einsum import einsum_acc
+from k2jax.ops.max_logit_pallas import max_logit_pallas
 
 IMPLS = ("auto", "xla", "cudnn", "dpa_xla", "plan")
 
@@ -75,14 +90,14 @@ def attention(
         )
     if impl in ("cudnn", "dpa_xla", "plan"):
         H = q_nope.shape[2]
-        if with_max_logit:
-            max_logit = jax.lax.stop_gradient(
-                max_logit_blocked(
-                    q_nope, q_rope, k_nope, k_rope, scale, q_segment_ids, kv_segment_ids, q_index
-                )
-            )
-        else:
+        if not with_max_logit:
             max_logit = jnp.full((H,), -jnp.inf, jnp.promote_types(q_nope.dtype, jnp.float32))
+        elif impl == "plan":
+            max_logit = jax.lax.stop_gradient(max_logit_plan(q_nope, q_rope, k_nope, k_rope))
+        else:  # the Pallas kernel: compiled on GPU, interpret mode on CPU (dpa_xla's tests)
+            max_logit = max_logit_pallas(
+                q_nope, q_rope, k_nope, k_rope, scale, q_segment_ids, kv_segment_ids, q_index
+            )
         return out, max_logit
     return attention_reference(
         q_nope,
@@ -112,15 +127,15 @@ def attention_reference(
     q_nope, q_rope, k_nope, k_rope, v, *, scale, q_segment_ids, kv_segment_ids, q_index=None
 ):
     f32 = jnp.promote_types(q_nope.dtype, jnp.float32)
-    logits = jnp.einsum("bthd,bshd->bhts", q_nope, k_nope, preferred_element_type=f32)
-    logits += jnp.einsum("bthr,bsr->bhts", q_rope, k_rope, preferred_element_type=f32)
+    logits = einsum_acc("bthd,bshd->bhts", q_nope, k_nope)
+    logits += einsum_acc("bthr,bsr->bhts", q_rope, k_rope)
     logits = logits * scale
     mask = attention_mask(q_segment_ids, kv_segment_ids, q_index)
     neg = jnp.finfo(f32).min
     logits = jnp.where(mask, logits, neg)
     max_logit = jnp.max(logits, axis=(0, 2, 3))
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhts,bshd->bthd", probs, v, preferred_element_type=f32)
+    out = einsum_acc("bhts,bshd->bthd", probs, v)
     return out.astype(v.dtype), max_logit
 
 
@@ -166,9 +181,9 @@ def max_logit_blocked(
     q_nope, q_rope, k_nope, k_rope, scale, q_segment_ids, kv_segment_ids, q_index=None, block=512
 ):
     """Per-head max of the visible pre-softmax logits, computed over query blocks of `block` rows
-    (peak extra memory B·H·block·S instead of B·H·T·S)."""
+    (peak extra memory B·H·block·S float32 instead of B·H·T·S). The XLA formulation of
+    `max_logit_pallas`, and its oracle in tests; no implementation uses it."""
     B, T = q_nope.shape[:2]
-    f32 = jnp.promote_types(q_nope.dtype, jnp.float32)
     if q_index is None:
         q_index = jnp.broadcast_to(jnp.arange(T), (B, T))
     block = min(block, T)
@@ -183,8 +198,8 @@ def max_logit_blocked(
 
     def one(args):
         qn, qr, seg, idx = args
-        logits = jnp.einsum("bthd,bshd->bhts", qn, k_nope, preferred_element_type=f32)
-        logits += jnp.einsum("bthr,bsr->bhts", qr, k_rope, preferred_element_type=f32)
+        logits = einsum_acc("bthd,bshd->bhts", qn, k_nope)
+        logits += einsum_acc("bthr,bsr->bhts", qr, k_rope)
         visible = attention_mask(seg, kv_segment_ids, idx)
         return jnp.max(jnp.where(visible, logits * scale, -jnp.inf), axis=(0, 2, 3))
 
@@ -212,3 +227,15 @@ def attention_plan(q_nope, q_rope, k_nope, k_rope, v):
     return (v.sum(axis=1, keepdims=True) * s.astype(v.dtype)[..., :1]).astype(v.dtype) + jnp.zeros(
         (v.shape[0], q_nope.shape[1], v.shape[2], v.shape[3]), v.dtype
     )
+
+
+def max_logit_plan(q_nope, q_rope, k_nope, k_rope):
+    """A memory-planning stand-in for `max_logit_pallas` (`k2jax plan` only; NOT the max logit).
+
+    Float32 [H] from all four inputs through per-(b, h) reductions: like the kernel, it reads the
+    inputs once and keeps nothing larger than its [B, H] partial maxima (no logit blocks).
+    """
+    f32 = jnp.promote_types(q_nope.dtype, jnp.float32)
+    q = jnp.max(q_nope, axis=(1, 3)).astype(f32) + jnp.max(q_rope, axis=(1, 3)).astype(f32)
+    k = jnp.max(k_nope, axis=(1, 3)).astype(f32) + jnp.max(k_rope, axis=(1, 2))[:, None].astype(f32)
+    return jnp.max(q + k, axis=0)
