@@ -6,6 +6,8 @@ folders out; PEFT adapters and merged checkpoints back out.
     hf_names        HF tensor name ↔ parameter slot
     loader          HF folder → params, every leaf created with its final sharding
     orbax_io        `k2jax convert`'s Orbax folders: convert_checkpoint, restore_params
+    checkpoint      either kind of folder → (config, compute, params): read_checkpoint
+    peft, merge     a run's adapters out as a PEFT folder; folded into a merged checkpoint
 
 Names are imported on first use, so `import k2jax.conversion` stays light (the CLI imports it
 before jax may be configured).
@@ -37,6 +39,7 @@ _EXPORTS = {
     "is_converted": "orbax_io",
     "read_metadata": "orbax_io",
     "restore_params": "orbax_io",
+    "read_checkpoint": "checkpoint",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -277,15 +277,15 @@ class Trainer:
         src, prog = self.config.model, self.program
         if src.path is None:
             return prog.init_base(src.seed)
-        from k2jax.api import load_model
+        from k2jax.conversion.checkpoint import read_checkpoint
 
-        loaded = load_model(
+        _, _, params = read_checkpoint(
             src.path,
             mesh=self.mesh,
             compute=self.config.compute,
             config_overrides=dict(src.overrides) or None,
         )
-        return prog.split_base(loaded.params)
+        return prog.split_base(params)
 
     def _data_config(self, path: str | None = None, **changes):
         data = self.config.data
