@@ -64,7 +64,7 @@ import numpy as np
 from k2jax.config import ModelConfig
 from k2jax.conversion.hf_names import ParamSlot, slot_to_hf
 from k2jax.conversion.safetensors_io import replace_dir, write_safetensors
-from k2jax.lora import LoraConfig
+from k2jax.lora import ATTENTION_TARGETS, MLP_TARGETS, LoraConfig
 from k2jax.paths import check_output_path
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,6 @@ __all__ = [
 
 LAYOUTS = ("per-expert", "fused")
 PREFIX = "base_model.model."
-_ATTN = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
@@ -147,15 +145,15 @@ def _known_paths(cfg: ModelConfig) -> dict[tuple[str, ...], int]:
     ):
         if not n:
             continue
-        for m in _ATTN:
+        for m in ATTENTION_TARGETS:
             out[(stack, "self_attn", m)] = n
         if moe:
-            for m in _MLP:
+            for m in MLP_TARGETS:
                 out[(stack, "mlp", "experts", m)] = n
                 if cfg.n_shared_experts:
                     out[(stack, "mlp", "shared_experts", m)] = n
         else:
-            for m in _MLP:
+            for m in MLP_TARGETS:
                 out[(stack, "mlp", m)] = n
     return out
 
@@ -413,9 +411,9 @@ def _build(cfg, lora_tree, modules, r, scale, layout, np_dtype):
             return lora_factors(lora_tree, LoraSlot("", (stack, "mlp", "experts", proj), layer, e))
 
         if layout == "per-expert":
-            target_modules.update(_MLP)
+            target_modules.update(MLP_TARGETS)
             for e in range(E):
-                for proj in _MLP:
+                for proj in MLP_TARGETS:
                     out_f, in_f = linear_shape(cfg, (stack, "mlp", "experts", proj))
                     add(
                         f"{base}.{e}.{proj}.lora_A.weight",
