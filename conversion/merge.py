@@ -62,7 +62,7 @@ from k2jax.conversion.formats import (
     parse_quantization,
 )
 from k2jax.conversion.hf_names import ParamSlot, normalize_name, slot_to_hf
-from k2jax.conversion.peft import _flatten, _unbox, lora_factors, lora_slots
+from k2jax.conversion.peft import flatten_tree, lora_factors, lora_slots, unbox_tree
 from k2jax.conversion.safetensors_io import (
     PICKLE_SUFFIXES,
     CheckpointIndex,
@@ -139,7 +139,7 @@ class _Edit:
 def _edits(cfg: ModelConfig, lora_config, lora_tree, qk_clip_tree, trained_params):
     """HF module or tensor name → _Edit (modules for weights, full names for replacements)."""
     edits: dict[str, _Edit] = {}
-    lora_tree = _unbox(lora_tree)
+    lora_tree = unbox_tree(lora_tree)
     if lora_tree:
         if lora_config is None:
             raise MergeError("a LoRA tree needs its lora_config (for the scale alpha/r)")
@@ -166,7 +166,7 @@ def _edits(cfg: ModelConfig, lora_config, lora_tree, qk_clip_tree, trained_param
             name = slot_to_hf(ParamSlot((stack, "self_attn", proj), "weight", layer), cfg)
             edit = edits.setdefault(name.removesuffix(".weight"), _Edit())
             edit.row_scale = lambda rows=rows: rows.reshape(-1)
-    for path, leaf in _flatten(_unbox(trained_params) or {}):
+    for path, leaf in flatten_tree(unbox_tree(trained_params) or {}):
         module, suffix = path[:-1], path[-1]
         lead = 1 if module and module[0] in _STACKS else 0
         if "experts" in module:
@@ -188,7 +188,7 @@ def _edits(cfg: ModelConfig, lora_config, lora_tree, qk_clip_tree, trained_param
 
 
 def _qk_clip_layers(cfg, qk_clip_tree):
-    tree = _unbox(qk_clip_tree) or {}
+    tree = unbox_tree(qk_clip_tree) or {}
     for stack, sub in tree.items():
         if stack not in _STACKS:
             raise MergeError(f"qk_clip tree: unexpected top-level key {stack!r}")

@@ -74,10 +74,12 @@ __all__ = [
     "ExportError",
     "LoraSlot",
     "export_peft",
+    "flatten_tree",
     "linear_shape",
     "lora_factors",
     "lora_slots",
     "qk_clip_is_identity",
+    "unbox_tree",
 ]
 
 LAYOUTS = ("per-expert", "fused")
@@ -158,21 +160,21 @@ def _known_paths(cfg: ModelConfig) -> dict[tuple[str, ...], int]:
     return out
 
 
-def _unbox(tree):
+def unbox_tree(tree):
+    """`tree` with flax's partitioning boxes removed (nn.unbox); None stays None (a run without
+    LoRA, or without QK-clip, has no such tree)."""
     if tree is None:
         return None
-    try:
-        import flax.linen as nn
+    import flax.linen as nn  # flax imports jax; loaded only when a tree is unboxed
 
-        return nn.unbox(tree)
-    except ImportError:  # pragma: no cover - flax is a core dependency
-        return tree
+    return nn.unbox(tree)
 
 
-def _flatten(tree, prefix=()) -> Iterator[tuple[tuple[str, ...], object]]:
+def flatten_tree(tree, prefix=()) -> Iterator[tuple[tuple[str, ...], object]]:
+    """(key path, leaf) for every leaf of a nested mapping, depth first in mapping order."""
     if isinstance(tree, Mapping):
         for k, v in tree.items():
-            yield from _flatten(v, (*prefix, str(k)))
+            yield from flatten_tree(v, (*prefix, str(k)))
     else:
         yield prefix, tree
 
@@ -181,7 +183,7 @@ def _modules_of(cfg: ModelConfig, lora_tree) -> dict[tuple[str, ...], tuple[obje
     """Module path → (A, B) stacked factors, with every shape checked against the config."""
     lora_tree = lora_tree or {}
     known = _known_paths(cfg)
-    leaves = dict(_flatten(lora_tree))
+    leaves = dict(flatten_tree(lora_tree))
     modules: dict[tuple[str, ...], dict[str, object]] = {}
     for path, leaf in leaves.items():
         module, name = path[:-1], path[-1]
@@ -249,11 +251,13 @@ def qk_clip_is_identity(qk_clip_tree) -> bool:
     """True when every QK-clip factor is exactly 1 (nothing was clipped), or there is no tree."""
     if qk_clip_tree is None:
         return True
-    return all(bool(np.all(np.asarray(x) == 1.0)) for _, x in _flatten(_unbox(qk_clip_tree)))
+    return all(
+        bool(np.all(np.asarray(x) == 1.0)) for _, x in flatten_tree(unbox_tree(qk_clip_tree))
+    )
 
 
 def _nonempty(tree) -> bool:
-    return tree is not None and any(True for _ in _flatten(_unbox(tree)))
+    return tree is not None and any(True for _ in flatten_tree(unbox_tree(tree)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +316,7 @@ def export_peft(
         )
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
-    lora_tree = _unbox(lora_tree)
+    lora_tree = unbox_tree(lora_tree)
     modules = _modules_of(model_config, lora_tree)
     if not modules:
         raise ExportError("the LoRA tree holds no adapters; nothing to export")
@@ -323,7 +327,7 @@ def export_peft(
             "q_b_proj/kv_b_proj rows is not a low-rank update)"
         )
     if _nonempty(trained_params):
-        names = ["/".join(p) for p, _ in _flatten(_unbox(trained_params))][:3]
+        names = ["/".join(p) for p, _ in flatten_tree(unbox_tree(trained_params))][:3]
         lossy.append(f"base parameters trained in full ({', '.join(names)}, ...)")
     if lossy:
         msg = (
