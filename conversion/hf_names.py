@@ -38,6 +38,8 @@ import re
 from k2jax.config import ModelConfig
 from k2jax.lora import ATTENTION_TARGETS, MLP_TARGETS
 
+# The params subtrees stacked over layers, in layer order: leaves there have a leading [L] axis.
+STACKS = ("dense_layers", "moe_layers")
 SKIPPED_PREFIXES = ("vision_tower.", "mm_projector.", "multi_modal_projector.")
 STRIP_PREFIXES = ("language_model.",)
 

@@ -61,7 +61,7 @@ from k2jax.conversion.formats import (
     int4_to_hf,
     parse_quantization,
 )
-from k2jax.conversion.hf_names import ParamSlot, normalize_name, slot_to_hf
+from k2jax.conversion.hf_names import STACKS, ParamSlot, normalize_name, slot_to_hf
 from k2jax.conversion.peft import flatten_tree, lora_factors, lora_slots, unbox_tree
 from k2jax.conversion.safetensors_io import (
     PICKLE_SUFFIXES,
@@ -79,7 +79,6 @@ log = logging.getLogger(__name__)
 __all__ = ["FP8_MAX", "MergeError", "merge_lora", "quantize_fp8_block"]
 
 FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
-_STACKS = ("dense_layers", "moe_layers")
 
 
 class MergeError(ValueError):
@@ -168,7 +167,7 @@ def _edits(cfg: ModelConfig, lora_config, lora_tree, qk_clip_tree, trained_param
             edit.row_scale = lambda rows=rows: rows.reshape(-1)
     for path, leaf in flatten_tree(unbox_tree(trained_params) or {}):
         module, suffix = path[:-1], path[-1]
-        lead = 1 if module and module[0] in _STACKS else 0
+        lead = 1 if module and module[0] in STACKS else 0
         if "experts" in module:
             raise MergeError(
                 f"trained_params: {'/'.join(path)}: routed experts trained in full are not supported"
@@ -190,7 +189,7 @@ def _edits(cfg: ModelConfig, lora_config, lora_tree, qk_clip_tree, trained_param
 def _qk_clip_layers(cfg, qk_clip_tree):
     tree = unbox_tree(qk_clip_tree) or {}
     for stack, sub in tree.items():
-        if stack not in _STACKS:
+        if stack not in STACKS:
             raise MergeError(f"qk_clip tree: unexpected top-level key {stack!r}")
         scales = np.asarray(sub["self_attn"]["scales"], np.float32)
         n = cfg.num_dense_layers if stack == "dense_layers" else cfg.num_moe_layers

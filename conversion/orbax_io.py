@@ -75,6 +75,7 @@ import jax
 
 from k2jax.config import ConfigError
 from k2jax.conversion.finite import FiniteCheck
+from k2jax.conversion.hf_names import STACKS
 from k2jax.conversion.loader import HFCheckpoint
 from k2jax.conversion.pieces import (
     LeafPlan,
@@ -143,7 +144,7 @@ def _group_items(leaves: list[LeafPlan], max_item_bytes: int) -> list[list[Piece
     split = {leaf.name: leaf.split(max_item_bytes) for leaf in leaves}
     pieces = [p for leaf in leaves if leaf.layers is None for p in split[leaf.name]]
     depth = max((leaf.layers or 0) for leaf in leaves)
-    for stack in ("dense_layers", "moe_layers"):
+    for stack in STACKS:
         for layer in range(depth):
             for leaf in leaves:
                 if leaf.path[0] == stack:

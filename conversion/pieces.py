@@ -39,12 +39,12 @@ import numpy as np
 
 from k2jax.config import ModelConfig
 from k2jax.conversion.finite import FiniteCheck, count_spec, nonfinite, replicated
+from k2jax.conversion.hf_names import STACKS
 from k2jax.lora import ALL_TARGETS
 
 __all__ = [
     "DEFAULT_PIECE_BYTES",
     "LINEAR_MODULES",
-    "STACKS",
     "LeafPlan",
     "Piece",
     "abstract_params",
@@ -56,8 +56,6 @@ __all__ = [
     "progress_bar",
 ]
 
-# The params collections stacked over layers: their leaves have a leading [L] axis.
-STACKS = ("dense_layers", "moe_layers")
 # The modules that are nn.Linear in the HF model (what quantization configs target): the LoRA
 # targets, the fused routed-expert gate|up stack and the output head.
 LINEAR_MODULES = frozenset({*ALL_TARGETS, "gate_up_proj", "lm_head"})
