@@ -1,4 +1,4 @@
-"""Reading and writing safetensors files by hand: lazy, memory-mapped, and strict.
+"""Reading and writing safetensors files by hand: lazy, strict, and the one reader k2jax has.
 
 The safetensors format (https://github.com/huggingface/safetensors) is deliberately simple:
 
@@ -371,7 +371,8 @@ class CheckpointIndex:
     one is a single `model.safetensors`. The index is read at construction and every shard it
     names must exist; shards are opened (header only) on first use, and the index keeps at most
     `max_open_files` of them, forgetting the least recently used — a 64-shard checkpoint read
-    layer by layer keeps a handful mapped. `validate()` checks the whole index against the shard
+    layer by layer keeps a handful open (a forgotten file closes its descriptor when collected,
+    its mapping with the last view). `validate()` checks the whole index against the shard
     headers up front. Safe to use from several threads.
     """
 
