@@ -1,19 +1,20 @@
 """Config files: gin syntax bound to typed dataclasses, one per section.
 
 A run's config file binds `section.key = value` (`model.hidden_size = 7168`, `lora.rank = 16`);
-`include "other.gin"` pulls in another file (looked up beside the including file, then among the
-packaged configs, k2jax/configs), and macros (`RANK = 16` ... `lora.rank = %RANK`) are expanded:
+`include "other.gin"` pulls in another file (looked up beside the including file, then from the
+working directory, then among the packaged configs, k2jax/configs), and macros (`RANK = 16`, then
+`lora.rank = %RANK`) are expanded:
 
     sections = load_config(["configs/lora_sft.gin"], {"lora": LoraConfig, ...},
                            overrides=["lora.rank=32"])
     sections["lora"]  # LoraConfig(rank=32, ...)
 
-The pipeline is three public steps, usable alone: `read_bindings` (files, then `--set`
-overrides, as (section, key, value, "file:line") tuples), `bind_sections` (one dataclass per
-section, later bindings win, every key checked against the dataclass fields and every value
-against its type), and `to_gin` (the way back, for the operative config a run writes). Every
-mistake names the file, line and key, before any compute. A `--set` value that is not a literal
-(`data.path=chats.jsonl`) is taken as a string.
+`load_config` is two public steps, each usable alone: `read_bindings` (the files' bindings in
+order, then the `--set` overrides, as (section, key, value, "file:line") tuples) and
+`bind_sections` (one dataclass per section, later bindings win, every key checked against the
+dataclass fields and every value against its type). `to_gin` is the way back, for the operative
+config a run writes. Every mistake names the file, line and key, before any compute. A `--set`
+value that is not a literal (`data.path=chats.jsonl`) is taken as a string.
 
 We use gin-config's parser but not its global registry. Rejected alternative: decorating the
 dataclasses with `@gin.configurable`. Gin then injects bindings into *every* later construction of

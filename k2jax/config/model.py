@@ -6,9 +6,9 @@
 `ModelConfig` is always read from the checkpoint's `config.json` (`ModelConfig.from_hf_dict` /
 `from_hf_dir`), because the Kimi-K2 family differs in exactly the constants one is tempted to
 hard-code (rms_norm_eps 1e-6 vs 1e-5, YaRN factor 32 vs 64, beta_fast 1 vs 32; K2_FACTS §1, §8).
-Field names are the HF keys, so the map is the identity but for the flattened `rope_scaling`;
-variants the code does not implement (another scoring_func, a plain q_proj, tied embeddings) are
-refused by name rather than half-supported.
+Field names are the HF keys, so the map is the identity but for the flattened `rope_scaling` (and
+`latent_norm_eps`, which HF lacks); variants the code does not implement (another scoring_func,
+a plain q_proj, tied embeddings) are refused by name rather than half-supported.
 
 The presets in `configs/*.gin` bind the same fields (`model.hidden_size = 7168`) for planning
 without weights (`k2jax plan`) and for tiny test models; `load_model_config` reads their `model`
