@@ -52,7 +52,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from k2jax.config import ModelConfig, read_hf_config
+from k2jax.config import ARCHITECTURE_KEYS, ModelConfig, read_hf_config
 from k2jax.conversion.formats import (
     dequantize_fp8_block,
     dequantize_int4,
@@ -327,25 +327,9 @@ def _plan_changes(index: CheckpointIndex, edits: dict[str, _Edit], cfg: ModelCon
 
 def _check_architecture(base_dir: Path, cfg: ModelConfig) -> None:
     base = ModelConfig.from_hf_dir(base_dir)
-    keys = (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "moe_intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "q_lora_rank",
-        "kv_lora_rank",
-        "qk_nope_head_dim",
-        "qk_rope_head_dim",
-        "v_head_dim",
-        "n_routed_experts",
-        "n_shared_experts",
-        "first_k_dense_replace",
-    )
     diff = [
         f"{k}: {getattr(base, k)} vs {getattr(cfg, k)}"
-        for k in keys
+        for k in ARCHITECTURE_KEYS
         if getattr(base, k) != getattr(cfg, k)
     ]
     if diff:

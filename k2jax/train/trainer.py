@@ -221,7 +221,7 @@ class Trainer:
         unknown = set(src.overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
         if unknown:
             raise ConfigError(
-                f"model.overrides: {sorted(unknown)} are not ModelConfig fields (k2jax/config.py)"
+                f"model.overrides: {sorted(unknown)} are not ModelConfig fields (k2jax/config/model.py)"
             )
         if src.path is not None:
             return ModelConfig.from_hf_dir(src.path, **src.overrides)
