@@ -106,6 +106,7 @@ import numpy as np  # noqa: E402
 from k2jax.config import ModelConfig, load_model_config  # noqa: E402
 from k2jax.sharding import make_mesh  # noqa: E402
 from k2jax.train.config import RunConfig  # noqa: E402
+from k2jax.train.state import path_keys  # noqa: E402
 from k2jax.train.step import Program, StepSpec, build_program, peak_flops  # noqa: E402
 
 PEAK_TFLOPS = 800.0  # the MFU reference: measured bf16 ceiling through jax (GPU_NOTES.md)
@@ -179,10 +180,6 @@ def step_spec(
     return StepSpec.from_run_config(run, cfg)
 
 
-def _keys(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
 def _is_routed(keys: tuple[str, ...]) -> bool:
     return "experts" in keys and "shared_experts" not in keys
 
@@ -231,7 +228,7 @@ def trainable_counts(program: Program) -> dict:
     out = {"moe_layer_routed": 0, "moe_layer_other": 0, "dense_layer": 0, "top": 0}
     tr = program.state_abstract["trainable"]
     for path, leaf in jax.tree_util.tree_flatten_with_path(tr)[0]:
-        keys = _keys(path)[1:]  # drop "lora"/"params"
+        keys = path_keys(path)[1:]  # drop "lora"/"params"
         n = math.prod(leaf.shape)
         if keys[0] == "moe_layers":
             out["moe_layer_routed" if _is_routed(keys) else "moe_layer_other"] += n // leaf.shape[0]

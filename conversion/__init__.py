@@ -1,11 +1,15 @@
 """k2jax.conversion: Hugging Face checkpoints (bf16, FP8, INT4) in, k2jax parameters and Orbax
 folders out; PEFT adapters and merged checkpoints back out.
 
-    safetensors_io  lazy, strict safetensors reader/writer (CheckpointIndex, write_safetensors)
+    safetensors_io  the one safetensors reader (mapped views or pread copies) and atomic writer
     formats         FP8 block and compressed-tensors INT4 codecs, quantization_config parsing
     hf_names        HF tensor name ↔ parameter slot
-    loader          HF folder → params, every leaf created with its final sharding
+    pieces          the params leaves cut into pieces and placed with their final shardings
+    loader          HF folder → params: which stored tensors feed a leaf, checks, decoding
+    finite          NaN / Inf counted on the devices while loading
     orbax_io        `k2jax convert`'s Orbax folders: convert_checkpoint, restore_params
+    checkpoint      either kind of folder → (config, compute, params): read_checkpoint
+    peft, merge     a run's LoRA out as a PEFT adapter, or folded into its base checkpoint
 
 Names are imported on first use, so `import k2jax.conversion` stays light (the CLI imports it
 before jax may be configured).
@@ -37,6 +41,7 @@ _EXPORTS = {
     "is_converted": "orbax_io",
     "read_metadata": "orbax_io",
     "restore_params": "orbax_io",
+    "read_checkpoint": "checkpoint",
 }
 
 __all__ = sorted(_EXPORTS)

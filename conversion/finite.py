@@ -4,7 +4,7 @@ A NaN or Inf in a checkpoint (a bad FP8 code, a damaged scale, a corrupt downloa
 value and only shows as garbage output. So the loaders (conversion/loader.py for Hugging Face
 folders, orbax_io.py for converted ones) count every float piece's non-finite values where the
 piece lives — per expert, and per gate/up half of a fused leaf — in the same jitted program that
-writes the piece into its leaf (`loader.place_piece`; a whole-leaf piece gets `nonfinite_counts`
+writes the piece into its leaf (`pieces.place_piece`; a whole-leaf piece gets `nonfinite_counts`
 of its own): a reduction on the devices instead of a second pass over a terabyte on the host. The
 small count arrays are fetched once at the end (`FiniteCheck.raise_if_any`), and a non-zero count
 is a CheckpointError naming the files and tensors. INT4 codes are integers; only their scales are
@@ -24,7 +24,7 @@ import numpy as np
 from k2jax.conversion.safetensors_io import CheckpointError
 
 if TYPE_CHECKING:
-    from k2jax.conversion.loader import LeafPlan, Piece
+    from k2jax.conversion.pieces import LeafPlan, Piece
 
 __all__ = ["FiniteCheck", "count_spec", "nonfinite", "nonfinite_counts", "replicated"]
 

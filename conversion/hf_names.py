@@ -36,13 +36,14 @@ import dataclasses
 import re
 
 from k2jax.config import ModelConfig
+from k2jax.lora import ATTENTION_TARGETS, MLP_TARGETS
 
+# The params subtrees stacked over layers, in layer order: leaves there have a leading [L] axis.
+STACKS = ("dense_layers", "moe_layers")
 SKIPPED_PREFIXES = ("vision_tower.", "mm_projector.", "multi_modal_projector.")
 STRIP_PREFIXES = ("language_model.",)
 
-_ATTN = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 _ATTN_NORMS = ("q_a_layernorm", "kv_a_layernorm")
-_MLP = ("gate_proj", "up_proj", "down_proj")
 _WEIGHT_SUFFIXES = ("weight", "weight_scale_inv", "weight_packed", "weight_scale", "weight_shape")
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -115,17 +116,19 @@ def hf_to_slot(name: str, cfg: ModelConfig) -> ParamSlot | None:
     if rest in ("input_layernorm.weight", "post_attention_layernorm.weight"):
         return ParamSlot((stack, parts[0]), "weight", layer)
     if len(parts) == 2 and parts[0] == "self_attn":
-        if parts[1] in _ATTN and suffix in _WEIGHT_SUFFIXES:
+        if parts[1] in ATTENTION_TARGETS and suffix in _WEIGHT_SUFFIXES:
             return ParamSlot((stack, *parts), suffix, layer)
         if parts[1] in _ATTN_NORMS and suffix == "weight":
             return ParamSlot((stack, *parts), suffix, layer)
-    dense_mlp = not moe and len(parts) == 2 and parts[0] == "mlp" and parts[1] in _MLP
+    dense_mlp = not moe and len(parts) == 2 and parts[0] == "mlp" and parts[1] in MLP_TARGETS
     if dense_mlp and suffix in _WEIGHT_SUFFIXES:
         return ParamSlot((stack, *parts), suffix, layer)
     if moe:
         if parts == ("mlp", "gate") and suffix in ("weight", "e_score_correction_bias"):
             return ParamSlot((stack, *parts), suffix, layer)
-        shared = len(parts) == 3 and parts[:2] == ("mlp", "shared_experts") and parts[2] in _MLP
+        shared = (
+            len(parts) == 3 and parts[:2] == ("mlp", "shared_experts") and parts[2] in MLP_TARGETS
+        )
         if shared and suffix in _WEIGHT_SUFFIXES:
             return ParamSlot((stack, *parts), suffix, layer)
         e = _EXPERT_RE.match(rest)
@@ -165,13 +168,13 @@ def expected_hf_names(cfg: ModelConfig) -> list[str]:
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-        names += [p + f"self_attn.{m}.weight" for m in _ATTN + _ATTN_NORMS]
+        names += [p + f"self_attn.{m}.weight" for m in ATTENTION_TARGETS + _ATTN_NORMS]
         if i < cfg.first_k_dense_replace:
-            names += [p + f"mlp.{m}.weight" for m in _MLP]
+            names += [p + f"mlp.{m}.weight" for m in MLP_TARGETS]
             continue
         names += [p + "mlp.gate.weight", p + "mlp.gate.e_score_correction_bias"]
         if cfg.n_shared_experts:
-            names += [p + f"mlp.shared_experts.{m}.weight" for m in _MLP]
+            names += [p + f"mlp.shared_experts.{m}.weight" for m in MLP_TARGETS]
         for e in range(cfg.n_routed_experts):
-            names += [p + f"mlp.experts.{e}.{m}.weight" for m in _MLP]
+            names += [p + f"mlp.experts.{e}.{m}.weight" for m in MLP_TARGETS]
     return names

@@ -16,50 +16,36 @@ experts go unchanged into `weight_q` (jnp.int4 codes) and `weight_scale` when th
 experts INT4, or are dequantised when it holds them dense (`experts="bf16"`); a dense checkpoint
 loaded with INT4 experts is quantised with compressed-tensors' rule (k2jax.quant.quantize_int4).
 
-How it places. No array is ever assembled whole on one host or device: every leaf is created
-with its final sharding, from per-device slices each of which reads only the HF tensors (and
-rows) that intersect that device's slice. Leaves are built in pieces (`Piece`): one layer of a
-stacked leaf ([L, ...], [L, E, ...]), and for the routed experts a range of rows of one layer
-(their row axis is never sharded, so a row range is sharded like the whole layer), at most
-`max_piece_bytes` each. The leaf starts as a sharded zero buffer and each piece is written into it
-by a jitted `dynamic_update_slice` that donates the buffer, so device memory holds the leaf plus
-one piece and host memory one device's slice of one piece (for Kimi-K2's gate|up expert stack on
-8 devices at most 48 experts × 4096 × 7168 codes ≈ 1.4 GB, against 42 GB for a whole device
-shard). Rejected: `jax.make_array_from_callback` on the whole leaf (it holds every device's
-whole slice on the host at once) and `jnp.stack` of per-layer arrays (twice the leaf in device
-memory). The same pieces are the unit of the converted Orbax format (orbax_io.py).
+How it places. Every leaf is created with its final sharding, in pieces of at most
+`max_piece_bytes`, from per-device slices each of which reads only the HF tensors (and rows) that
+intersect that device's slice (pieces.py: `LeafPlan`, `Piece`, `assemble_leaf`). Reads go
+through `CheckpointIndex.read(..., mmap=False)`: `pread` into arrays we own rather than views of
+the memory map, so the resident memory of a load is the slices being built and can be bounded
+(safetensors_io.py). This module is the HF side only: which stored tensors feed an entry of a
+leaf (`hf_names.slot_to_hf` plus the storage form), the checks, and the decoding.
 
 Non-finite weights. By default every float piece's NaN/Inf values are counted on the devices
 as it is placed and a non-zero count is a CheckpointError naming the tensors (conversion/finite.py;
 `check_finite=False` loads them anyway).
 
-Reads go through `pread` into buffers we own instead of through the memory map of
-`CheckpointIndex.read`: the header checks are the same (`CheckpointIndex.info`), but mapped
-pages of a 9 GB shard stay in the process's resident set while the file is open, so the memory a
-conversion really needs could not be measured or bounded. Pages still go through the page cache,
-which the kernel reclaims freely.
+`abstract_params` (pieces.py) is re-exported here: it describes what `load_params` fills.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import dataclasses
-import functools
 import logging
-import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from k2jax.config import ModelConfig, read_hf_config
-from k2jax.conversion.finite import FiniteCheck, count_spec, nonfinite, replicated
+from k2jax.conversion.finite import FiniteCheck
 from k2jax.conversion.formats import (
     FP8,
     INT4,
@@ -72,44 +58,31 @@ from k2jax.conversion.formats import (
     unpack_int4,
 )
 from k2jax.conversion.hf_names import SKIPPED_PREFIXES, ParamSlot, is_ignored, slot_to_hf
-from k2jax.conversion.safetensors_io import (
-    CheckpointError,
-    CheckpointIndex,
-    SafetensorsError,
+from k2jax.conversion.pieces import (
+    DEFAULT_PIECE_BYTES,
+    LeafPlan,
+    Piece,
+    abstract_params,
+    assemble_leaf,
+    build_array,
+    plan_leaves,
+    progress_bar,
 )
+from k2jax.conversion.safetensors_io import CheckpointError, CheckpointIndex
 from k2jax.quant import quantize_int4
 
 __all__ = [
     "CheckpointError",
     "HFCheckpoint",
-    "LeafPlan",
-    "Piece",
     "abstract_params",
     "default_experts",
     "load_params",
+    "quantize_host",
 ]
 
 log = logging.getLogger(__name__)
 
-STACKS = ("dense_layers", "moe_layers")
-# The modules that are nn.Linear in the HF model (what quantization configs target).
-LINEAR_MODULES = frozenset(
-    {
-        "q_a_proj",
-        "q_b_proj",
-        "kv_a_proj_with_mqa",
-        "kv_b_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-        "gate_up_proj",
-        "lm_head",
-    }
-)
 K25_PREFIX = "language_model."
-# Largest piece built in one go when loading (an expert leaf's layer is cut into row ranges).
-DEFAULT_PIECE_BYTES = 1 << 30
 _FLOAT_DTYPES = ("F32", "BF16", "F16")
 _SCALE_DTYPES = ("F32", "BF16", "F16")
 
@@ -124,246 +97,7 @@ def default_experts(fmt: WeightFormat, cfg: ModelConfig) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading tensors (rows of them) into owned buffers
-
-
-class _TensorReader:
-    """Reads tensors, or row ranges of them, with pread into freshly allocated arrays.
-
-    Headers come from the CheckpointIndex (validated there: offsets inside the file, sizes
-    matching dtype × shape, index and shard in agreement); this class only fetches bytes.
-    """
-
-    def __init__(self, index: CheckpointIndex, max_open_files: int = 16):
-        self.index = index
-        self.max_open_files = max_open_files
-        self._files: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
-
-    def info(self, name: str):
-        return self.index.info(name)
-
-    def _open(self, shard: str) -> tuple[int, int]:
-        """(file descriptor, byte offset of the data section) of a shard, LRU-cached."""
-        if shard in self._files:
-            self._files.move_to_end(shard)
-            return self._files[shard]
-        path = self.index.folder / shard
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
-        header_len = int.from_bytes(os.pread(fd, 8, 0), "little")
-        self._files[shard] = (fd, 8 + header_len)
-        while len(self._files) > self.max_open_files:
-            old_fd, _ = self._files.popitem(last=False)[1]
-            os.close(old_fd)
-        return self._files[shard]
-
-    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
-        """Tensor `name` (or its rows `rows`, a step-1 slice of the first axis) as a new array."""
-        info = self.index.info(name)
-        shape, dtype = info.shape, info.numpy_dtype
-        begin = info.offsets[0]
-        if rows is not None:
-            start, stop, _ = rows.indices(shape[0])
-            stop = max(start, stop)
-            begin += start * math.prod(shape[1:]) * dtype.itemsize
-            shape = (stop - start, *shape[1:])
-        out = np.empty(shape, dtype)
-        if out.nbytes == 0:
-            return out
-        shard = self.index.shard_of(name)
-        fd, data_start = self._open(shard)
-        view = memoryview(out.reshape(-1).view(np.uint8))
-        done = 0
-        while done < len(view):
-            n = os.preadv(fd, [view[done:]], data_start + begin + done)
-            if n <= 0:
-                raise SafetensorsError(
-                    f"{self.index.folder / shard}: the file ends inside tensor {name!r} "
-                    "(truncated after its header was read?)"
-                )
-            done += n
-        return out
-
-    def close(self) -> None:
-        for fd, _ in self._files.values():
-            os.close(fd)
-        self._files.clear()
-
-
-# ---------------------------------------------------------------------------------------------
-# The plan: which stored tensors feed which leaf
-
-
-@dataclasses.dataclass(frozen=True)
-class LeafPlan:
-    """One leaf of the params tree and how to read it.
-
-    path:     the leaf's key path, e.g. ("moe_layers", "mlp", "experts", "gate_up_proj", "weight_q")
-    shape:    the whole leaf's shape; dtype: its numpy dtype (ml_dtypes for bf16 / int4)
-    sharding: its final sharding
-    layers:   L for leaves stacked over layers (leading [L] axis), else None
-    """
-
-    path: tuple[str, ...]
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    sharding: jax.sharding.Sharding
-    layers: int | None
-
-    @property
-    def name(self) -> str:
-        return "/".join(self.path)
-
-    @property
-    def module(self) -> tuple[str, ...]:
-        return self.path[:-1]
-
-    @property
-    def leaf(self) -> str:
-        return self.path[-1]
-
-    @property
-    def experts(self) -> bool:
-        """Whether the leaf has an [E] axis (after the layer axis)."""
-        return "experts" in self.module
-
-    @property
-    def linear(self) -> bool:
-        """Whether the leaf is (part of) a Linear weight, i.e. possibly stored quantized."""
-        return self.leaf in ("weight", "weight_q", "weight_scale") and (
-            self.module[-1] in LINEAR_MODULES
-        )
-
-    @property
-    def layer_shape(self) -> tuple[int, ...]:
-        """The shape of one layer (the whole leaf when not stacked)."""
-        return self.shape[1:] if self.layers is not None else self.shape
-
-    @property
-    def layer_sharding(self) -> jax.sharding.Sharding:
-        return layer_sharding(self.sharding, stacked=self.layers is not None)
-
-    def layer_indices(self) -> list[int | None]:
-        return [None] if self.layers is None else list(range(self.layers))
-
-    def split(self, max_bytes: int) -> list[Piece]:
-        """The leaf as pieces of at most `max_bytes` where it can be cut: one per layer, and an
-        expert leaf's layer further into row ranges (its rows are never sharded, so a range of
-        them is sharded like the whole layer and restores onto any mesh that holds the layer)."""
-        chunks = 1
-        if self.experts and len(self.layer_shape) == 3 and _spec_of(self.layer_sharding, 1) is None:
-            layer_bytes = math.prod(self.layer_shape) * self.dtype.itemsize
-            chunks = min(self.layer_shape[1], max(1, -(-layer_bytes // max_bytes)))
-        out = []
-        for layer in self.layer_indices():
-            if chunks == 1:
-                out.append(Piece(self, layer, None))
-                continue
-            n = self.layer_shape[1]
-            step = -(-n // chunks)
-            out += [Piece(self, layer, (r, min(n, r + step))) for r in range(0, n, step)]
-        return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Piece:
-    """What is built (and, in a converted folder, stored) in one go: one layer of a leaf, or a
-    range of its rows (axis 1 of an expert leaf's layer: [E, rows, in])."""
-
-    leaf: LeafPlan
-    layer: int | None
-    rows: tuple[int, int] | None = None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        shape = list(self.leaf.layer_shape)
-        if self.rows is not None:
-            shape[1] = self.rows[1] - self.rows[0]
-        return tuple(shape)
-
-    @property
-    def sharding(self) -> jax.sharding.Sharding:
-        return self.leaf.layer_sharding
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.leaf.dtype.itemsize
-
-    @property
-    def key(self) -> str | None:
-        """Its name under the leaf in a converted item (None: the piece is the whole leaf)."""
-        if self.layer is None:
-            return None
-        rows = "" if self.rows is None else f"_rows_{self.rows[0]}_{self.rows[1]}"
-        return f"layer_{self.layer:03d}{rows}"
-
-    def starts(self) -> tuple[int, ...]:
-        """Where the piece goes in the whole leaf."""
-        starts = [0] * len(self.leaf.shape)
-        if self.layer is not None:
-            starts[0] = self.layer
-        if self.rows is not None:
-            starts[len(self.leaf.shape) - len(self.leaf.layer_shape) + 1] = self.rows[0]
-        return tuple(starts)
-
-    def layer_index(self, index: tuple[slice, ...]) -> tuple[slice, ...]:
-        """A slice of the piece as a slice of its whole layer."""
-        if self.rows is None:
-            return index
-        r = index[1]
-        return (index[0], slice(r.start + self.rows[0], r.stop + self.rows[0]), *index[2:])
-
-
-def _spec_of(sharding, axis: int):
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        spec = tuple(sharding.spec)
-        return spec[axis] if axis < len(spec) else None
-    return None
-
-
-@functools.lru_cache(maxsize=16)
-def abstract_params(cfg: ModelConfig, compute):
-    """The boxed abstract "params" of a model (shapes, dtypes, logical axes; no memory).
-
-    Cached per (config, compute): tracing the model's init costs about a second."""
-    from k2jax.model import Transformer
-    from k2jax.model.transformer import init_variables
-
-    model = Transformer(cfg, compute)
-    return jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))["params"]
-
-
-def layer_sharding(sharding: jax.sharding.Sharding, *, stacked: bool) -> jax.sharding.Sharding:
-    """The sharding of one layer of a stacked leaf: the leaf's, without the leading axis."""
-    if not stacked:
-        return sharding
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        spec = tuple(sharding.spec)[1:]
-        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
-    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
-        return sharding
-    raise TypeError(f"unsupported sharding {sharding!r}: use a NamedSharding or a single device")
-
-
-def plan_leaves(abstract_params, shardings=None) -> list[LeafPlan]:
-    """LeafPlans for an abstract params tree (boxed or plain ShapeDtypeStructs)."""
-    abstract = nn.unbox(abstract_params)
-    flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
-    if shardings is None:
-        device = jax.local_devices()[0]
-        flat_shardings = [jax.sharding.SingleDeviceSharding(device)] * len(flat)
-    else:
-        flat_shardings = jax.tree.leaves(shardings)
-        if len(flat_shardings) != len(flat):
-            raise ValueError("shardings must have the structure of the params tree")
-    plans = []
-    for (path, spec), sharding in zip(flat, flat_shardings):
-        keys = tuple(str(p.key) for p in path)
-        layers = spec.shape[0] if keys[0] in STACKS else None
-        plans.append(LeafPlan(keys, tuple(spec.shape), np.dtype(spec.dtype), sharding, layers))
-    return plans
+# The checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,10 +108,6 @@ class _Module:
     method: str  # NONE (plain tensor), FP8 or INT4
     out_features: int | None = None  # rows and columns of a Linear weight
     in_features: int | None = None
-
-
-# ---------------------------------------------------------------------------------------------
-# The checkpoint
 
 
 class HFCheckpoint:
@@ -400,7 +130,6 @@ class HFCheckpoint:
         self.format = parse_quantization(self.config_json, source=source)
         self.index = CheckpointIndex(self.folder)
         self.index.validate()
-        self.reader = _TensorReader(self.index)
         self._checked_int4: set[str] = set()
         self._groups: dict[tuple[str, ...], int] = {}  # INT4 group size of the model's leaves
 
@@ -425,7 +154,6 @@ class HFCheckpoint:
         return f"HFCheckpoint({str(self.folder)!r}, format={self.format.method})"
 
     def close(self) -> None:
-        self.reader.close()
         self.index.close()
 
     def __enter__(self) -> HFCheckpoint:
@@ -433,6 +161,10 @@ class HFCheckpoint:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _read(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """Tensor `name` (or its rows) in a new array of its own (pread; see the docstring)."""
+        return self.index.read(name, rows, mmap=False)
 
     # -- names ----------------------------------------------------------------------------------
     def stored_name(self, name: str) -> str:
@@ -544,7 +276,7 @@ class HFCheckpoint:
         return f"{where}: missing tensor {missing!r}{hint}"
 
     def _check_module(self, leaf: LeafPlan, mod: _Module, tensors: dict[str, str]) -> None:
-        infos = {s: self.reader.info(t) for s, t in tensors.items()}
+        infos = {s: self.index.info(t) for s, t in tensors.items()}
 
         def fail(suffix, what):
             raise CheckpointError(f"{self.folder}: tensor {tensors[suffix]!r} {what}")
@@ -590,7 +322,7 @@ class HFCheckpoint:
     def _check_int4_shape(self, mod: _Module, tensors: dict[str, str]) -> None:
         if mod.name in self._checked_int4:
             return
-        stored = self.reader.read(tensors["weight_shape"])
+        stored = self._read(tensors["weight_shape"])
         if [int(x) for x in stored] != [mod.out_features, mod.in_features]:
             raise CheckpointError(
                 f"{self.folder}: tensor {tensors['weight_shape']!r} says "
@@ -604,13 +336,13 @@ class HFCheckpoint:
         """Rows of a Linear weight as a dense array of `dtype`, whatever its storage."""
         t = self.stored_tensors(mod)
         if mod.method == NONE:
-            return self.reader.read(t["weight"], rows).astype(dtype)
+            return self._read(t["weight"], rows).astype(dtype)
         if mod.method == FP8:
             b0 = self.format.block_size[0]
             lo = rows.start // b0 * b0  # whole scale blocks, cropped after dequantisation
             hi = min(mod.out_features, -(-rows.stop // b0) * b0)
-            w = self.reader.read(t["weight"], slice(lo, hi))
-            s = self.reader.read(t["weight_scale_inv"], slice(lo // b0, -(-hi // b0)))
+            w = self._read(t["weight"], slice(lo, hi))
+            s = self._read(t["weight_scale_inv"], slice(lo // b0, -(-hi // b0)))
             dense = dequantize_fp8_block(
                 w, s, self.format.block_size, dtype, name=self.stored_name(mod.name)
             )
@@ -622,9 +354,9 @@ class HFCheckpoint:
         """Rows of a stored INT4 weight: (int8 codes [rows, in], scales [rows, in/g])."""
         t = self.stored_tensors(mod)
         self._check_int4_shape(mod, t)
-        packed = self.reader.read(t["weight_packed"], rows)
+        packed = self._read(t["weight_packed"], rows)
         codes = unpack_int4(packed, mod.in_features, name=t["weight_packed"])
-        return codes, self.reader.read(t["weight_scale"], rows)
+        return codes, self._read(t["weight_scale"], rows)
 
     def _codes_rows(self, mod: _Module, rows: slice, which: str, group: int) -> np.ndarray:
         """weight_q (int8 codes) or weight_scale rows of a Linear weight, quantising a dense or
@@ -633,12 +365,12 @@ class HFCheckpoint:
             if which == "weight_scale":
                 t = self.stored_tensors(mod)
                 self._check_int4_shape(mod, t)
-                return self.reader.read(t["weight_scale"], rows)
+                return self._read(t["weight_scale"], rows)
             return self._int4_rows(mod, rows)[0]
         source_dtype = np.float32 if mod.method == FP8 else None
         t = self.stored_tensors(mod)
         if source_dtype is None:  # quantise in the stored dtype, as compressed-tensors does
-            w = self.reader.read(t["weight"], rows)
+            w = self._read(t["weight"], rows)
         else:
             w = self._dense_rows(mod, rows, source_dtype)
         codes, scales = quantize_host(w, group)
@@ -650,7 +382,7 @@ class HFCheckpoint:
         if not leaf.linear:
             mod = self._module(leaf, layer, expert, None)
             name = self.stored_tensors(mod)[""]
-            arr = self.reader.read(name, index[0] if index else None)
+            arr = self._read(name, index[0] if index else None)
             out[...] = arr[(slice(None), *index[1:])] if index else arr
             return
         rows, cols = index[-2], index[-1]
@@ -693,7 +425,7 @@ class HFCheckpoint:
                 tensors = {"weight_scale": tensors["weight_scale"]}
             elif mod.method == INT4 and leaf.leaf == "weight_q":
                 tensors = {k: v for k, v in tensors.items() if k != "weight_scale"}
-            size = sum(self.reader.info(t).nbytes for t in tensors.values())
+            size = sum(self.index.info(t).nbytes for t in tensors.values())
             if piece.rows is None:
                 nbytes, count = nbytes + size, count + len(tensors)
                 continue
@@ -736,7 +468,7 @@ class HFCheckpoint:
         pieces = {leaf.name: leaf.split(max_piece_bytes) for leaf in leaves}
         total = sum(self.source_stats(p)[0] for ps in pieces.values() for p in ps)
         check = self.finite_check() if check_finite else None
-        with _progress(total, f"loading {self.folder.name}", progress) as bar:
+        with progress_bar(total, f"loading {self.folder.name}", progress) as bar:
 
             def build(piece):
                 arr = self.build_piece(piece)
@@ -799,74 +531,6 @@ def load_params(
         )
 
 
-# ---------------------------------------------------------------------------------------------
-# Host → devices, one slice at a time
-
-
-def build_array(shape, sharding, read: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array:
-    """A jax.Array of `shape` with `sharding`, each addressable device's slice from read(index).
-
-    Devices holding the same slice (replicas) share one read. The host copy of a slice is
-    dropped as soon as it is on its devices, so the host holds one slice at a time.
-    """
-    by_index: dict[tuple, list] = {}
-    for device, index in sharding.addressable_devices_indices_map(shape).items():
-        key = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
-        by_index.setdefault(tuple((s.start, s.stop) for s in key), []).append(device)
-    arrays = []
-    for bounds, devices in by_index.items():
-        host = read(tuple(slice(a, b) for a, b in bounds))
-        for device in devices:
-            arrays.append(jax.device_put(host, device))
-        jax.block_until_ready(arrays[-len(devices) :])  # host copy no longer needed
-        del host
-    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
-
-
-def assemble_leaf(
-    leaf: LeafPlan, pieces: Sequence[Piece], build, check: FiniteCheck | None = None
-) -> jax.Array:
-    """The whole leaf from build(piece) arrays: a leaf in one piece is that piece; otherwise the
-    pieces are written one by one into a donated, sharded buffer (device memory: the leaf plus
-    one piece). With `check`, every piece's non-finite values are counted into it."""
-    if len(pieces) == 1 and pieces[0].shape == leaf.shape:
-        arr = build(pieces[0])
-        if check is not None:
-            check.count(pieces[0], arr)
-        return arr
-    buf = jnp.zeros(leaf.shape, leaf.dtype, device=leaf.sharding)
-    for piece in pieces:
-        buf = place_piece(buf, piece, build(piece), check)
-    return buf
-
-
-def place_piece(buf: jax.Array, piece: Piece, arr: jax.Array, check: FiniteCheck | None = None):
-    """`buf` (the piece's whole leaf, donated) with `arr` written at the piece's place; with
-    `check`, the piece's non-finite values are counted in the same program."""
-    leaf = piece.leaf
-    spec = count_spec(leaf) if check is not None else None
-    setter = _piece_setter(leaf.sharding, leaf.layers is not None, spec)
-    if spec is None:
-        return setter(buf, arr, piece.starts())
-    buf, counts = setter(buf, arr, piece.starts())
-    check.add(piece, counts)
-    return buf
-
-
-@functools.lru_cache(maxsize=256)
-def _piece_setter(sharding, stacked: bool, spec):
-    def set_piece(buf, piece, starts):
-        row0 = starts[-2] if len(starts) > 1 else 0  # where a fused gate|up piece's rows start
-        counts = None if spec is None else nonfinite(piece, row0, spec)
-        if stacked:
-            piece = piece[None]
-        buf = jax.lax.dynamic_update_slice(buf, piece, starts)
-        return buf if spec is None else (buf, counts)
-
-    out = sharding if spec is None else (sharding, replicated(sharding))
-    return jax.jit(set_piece, donate_argnums=0, out_shardings=out)
-
-
 _quantize_int4 = jax.jit(quantize_int4, static_argnums=(1, 2))
 
 
@@ -877,24 +541,3 @@ def quantize_host(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
     with jax.default_device(cpu):
         q = _quantize_int4(jnp.asarray(w), group, jnp.bfloat16)
         return np.asarray(q.values).astype(np.int8), np.asarray(q.scales)
-
-
-@contextlib.contextmanager
-def _progress(total: int, desc: str, enabled: bool | None):
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=total,
-        desc=desc,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        disable=None if enabled is None else not enabled,
-    )
-    try:
-        yield bar
-    finally:
-        bar.close()
-
-
-_ = ml_dtypes  # bf16 / int4 numpy dtypes must be registered before arrays are allocated

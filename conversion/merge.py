@@ -52,7 +52,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from k2jax.config import ModelConfig, read_hf_config
+from k2jax.config import ARCHITECTURE_KEYS, ModelConfig, read_hf_config
 from k2jax.conversion.formats import (
     dequantize_fp8_block,
     dequantize_int4,
@@ -61,8 +61,8 @@ from k2jax.conversion.formats import (
     int4_to_hf,
     parse_quantization,
 )
-from k2jax.conversion.hf_names import ParamSlot, normalize_name, slot_to_hf
-from k2jax.conversion.peft import _flatten, _unbox, lora_factors, lora_slots
+from k2jax.conversion.hf_names import STACKS, ParamSlot, normalize_name, slot_to_hf
+from k2jax.conversion.peft import flatten_tree, lora_factors, lora_slots, unbox_tree
 from k2jax.conversion.safetensors_io import (
     PICKLE_SUFFIXES,
     CheckpointIndex,
@@ -79,7 +79,6 @@ log = logging.getLogger(__name__)
 __all__ = ["FP8_MAX", "MergeError", "merge_lora", "quantize_fp8_block"]
 
 FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
-_STACKS = ("dense_layers", "moe_layers")
 
 
 class MergeError(ValueError):
@@ -139,7 +138,7 @@ class _Edit:
 def _edits(cfg: ModelConfig, lora_config, lora_tree, qk_clip_tree, trained_params):
     """HF module or tensor name → _Edit (modules for weights, full names for replacements)."""
     edits: dict[str, _Edit] = {}
-    lora_tree = _unbox(lora_tree)
+    lora_tree = unbox_tree(lora_tree)
     if lora_tree:
         if lora_config is None:
             raise MergeError("a LoRA tree needs its lora_config (for the scale alpha/r)")
@@ -166,9 +165,9 @@ def _edits(cfg: ModelConfig, lora_config, lora_tree, qk_clip_tree, trained_param
             name = slot_to_hf(ParamSlot((stack, "self_attn", proj), "weight", layer), cfg)
             edit = edits.setdefault(name.removesuffix(".weight"), _Edit())
             edit.row_scale = lambda rows=rows: rows.reshape(-1)
-    for path, leaf in _flatten(_unbox(trained_params) or {}):
+    for path, leaf in flatten_tree(unbox_tree(trained_params) or {}):
         module, suffix = path[:-1], path[-1]
-        lead = 1 if module and module[0] in _STACKS else 0
+        lead = 1 if module and module[0] in STACKS else 0
         if "experts" in module:
             raise MergeError(
                 f"trained_params: {'/'.join(path)}: routed experts trained in full are not supported"
@@ -188,9 +187,9 @@ def _edits(cfg: ModelConfig, lora_config, lora_tree, qk_clip_tree, trained_param
 
 
 def _qk_clip_layers(cfg, qk_clip_tree):
-    tree = _unbox(qk_clip_tree) or {}
+    tree = unbox_tree(qk_clip_tree) or {}
     for stack, sub in tree.items():
-        if stack not in _STACKS:
+        if stack not in STACKS:
             raise MergeError(f"qk_clip tree: unexpected top-level key {stack!r}")
         scales = np.asarray(sub["self_attn"]["scales"], np.float32)
         n = cfg.num_dense_layers if stack == "dense_layers" else cfg.num_moe_layers
@@ -328,25 +327,9 @@ def _plan_changes(index: CheckpointIndex, edits: dict[str, _Edit], cfg: ModelCon
 
 def _check_architecture(base_dir: Path, cfg: ModelConfig) -> None:
     base = ModelConfig.from_hf_dir(base_dir)
-    keys = (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "moe_intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "q_lora_rank",
-        "kv_lora_rank",
-        "qk_nope_head_dim",
-        "qk_rope_head_dim",
-        "v_head_dim",
-        "n_routed_experts",
-        "n_shared_experts",
-        "first_k_dense_replace",
-    )
     diff = [
         f"{k}: {getattr(base, k)} vs {getattr(cfg, k)}"
-        for k in keys
+        for k in ARCHITECTURE_KEYS
         if getattr(base, k) != getattr(cfg, k)
     ]
     if diff:

@@ -14,7 +14,7 @@ loads only read and place arrays. The folder:
                                           shape and dtype, and which pieces each item holds
     O/params/item_00000/ ...              Orbax PyTree checkpoints (OCDBT), the pieces
 
-Pieces and items. A piece (conversion/loader.py `Piece`) is one layer of a stacked leaf
+Pieces and items. A piece (conversion/pieces.py `Piece`) is one layer of a stacked leaf
 (`moe_layers/mlp/experts/down_proj/weight_q` of layer 7: [E, D, F]), a range of rows of one layer
 of an expert leaf when the layer alone exceeds `max_item_bytes`, or a whole unstacked leaf
 (`embed_tokens/weight`). An item is a standard Orbax checkpoint of consecutive pieces (in layer
@@ -49,7 +49,7 @@ folder named O.partial without the marker is the user's and is refused, never de
 O.partial, must lie outside the Hugging Face folder (k2jax.paths).
 
 Non-finite weights. Each item's pieces have their NaN / Inf counted on the devices as they are
-built (conversion/loader.py `FiniteCheck`) and the item is not written if any is found: the
+built (conversion/finite.py `FiniteCheck`) and the item is not written if any is found: the
 error names the shards and tensors. Restoring counts them again, per item folder and leaf.
 """
 
@@ -75,14 +75,15 @@ import jax
 
 from k2jax.config import ConfigError
 from k2jax.conversion.finite import FiniteCheck
-from k2jax.conversion.loader import (
-    HFCheckpoint,
+from k2jax.conversion.hf_names import STACKS
+from k2jax.conversion.loader import HFCheckpoint
+from k2jax.conversion.pieces import (
     LeafPlan,
     Piece,
-    _progress,
     abstract_params,
     place_piece,
     plan_leaves,
+    progress_bar,
 )
 from k2jax.conversion.safetensors_io import INDEX_NAME, PICKLE_SUFFIXES, CheckpointError
 from k2jax.paths import check_output_path
@@ -143,7 +144,7 @@ def _group_items(leaves: list[LeafPlan], max_item_bytes: int) -> list[list[Piece
     split = {leaf.name: leaf.split(max_item_bytes) for leaf in leaves}
     pieces = [p for leaf in leaves if leaf.layers is None for p in split[leaf.name]]
     depth = max((leaf.layers or 0) for leaf in leaves)
-    for stack in ("dense_layers", "moe_layers"):
+    for stack in STACKS:
         for layer in range(depth):
             for leaf in leaves:
                 if leaf.path[0] == stack:
@@ -294,7 +295,7 @@ def convert_checkpoint(
 
         pending: tuple[int, Path] | None = None  # the item Orbax is still writing
         with (
-            _progress(total, f"converting {hf_dir.name}", progress) as bar,
+            progress_bar(total, f"converting {hf_dir.name}", progress) as bar,
             ocp.StandardCheckpointer() as checkpointer,
         ):
             for i in done:
@@ -554,7 +555,7 @@ def restore_params(
     check = FiniteCheck(label) if check_finite else None
 
     with (
-        _progress(total, f"loading {folder.name}", progress) as bar,
+        progress_bar(total, f"loading {folder.name}", progress) as bar,
         ocp.StandardCheckpointer() as ck,
     ):
         for entry, pieces in zip(meta["items"], items):

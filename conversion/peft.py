@@ -58,13 +58,14 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+import einops
 import ml_dtypes
 import numpy as np
 
 from k2jax.config import ModelConfig
 from k2jax.conversion.hf_names import ParamSlot, slot_to_hf
 from k2jax.conversion.safetensors_io import replace_dir, write_safetensors
-from k2jax.lora import LoraConfig
+from k2jax.lora import ATTENTION_TARGETS, MLP_TARGETS, LoraConfig
 from k2jax.paths import check_output_path
 
 log = logging.getLogger(__name__)
@@ -74,16 +75,16 @@ __all__ = [
     "ExportError",
     "LoraSlot",
     "export_peft",
+    "flatten_tree",
     "linear_shape",
     "lora_factors",
     "lora_slots",
     "qk_clip_is_identity",
+    "unbox_tree",
 ]
 
 LAYOUTS = ("per-expert", "fused")
 PREFIX = "base_model.model."
-_ATTN = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
@@ -147,34 +148,34 @@ def _known_paths(cfg: ModelConfig) -> dict[tuple[str, ...], int]:
     ):
         if not n:
             continue
-        for m in _ATTN:
+        for m in ATTENTION_TARGETS:
             out[(stack, "self_attn", m)] = n
         if moe:
-            for m in _MLP:
+            for m in MLP_TARGETS:
                 out[(stack, "mlp", "experts", m)] = n
                 if cfg.n_shared_experts:
                     out[(stack, "mlp", "shared_experts", m)] = n
         else:
-            for m in _MLP:
+            for m in MLP_TARGETS:
                 out[(stack, "mlp", m)] = n
     return out
 
 
-def _unbox(tree):
+def unbox_tree(tree):
+    """`tree` with flax's partitioning boxes removed (nn.unbox); None stays None (a run without
+    LoRA, or without QK-clip, has no such tree)."""
     if tree is None:
         return None
-    try:
-        import flax.linen as nn
+    import flax.linen as nn  # flax imports jax; loaded only when a tree is unboxed
 
-        return nn.unbox(tree)
-    except ImportError:  # pragma: no cover - flax is a core dependency
-        return tree
+    return nn.unbox(tree)
 
 
-def _flatten(tree, prefix=()) -> Iterator[tuple[tuple[str, ...], object]]:
+def flatten_tree(tree, prefix=()) -> Iterator[tuple[tuple[str, ...], object]]:
+    """(key path, leaf) for every leaf of a nested mapping, depth first in mapping order."""
     if isinstance(tree, Mapping):
         for k, v in tree.items():
-            yield from _flatten(v, (*prefix, str(k)))
+            yield from flatten_tree(v, (*prefix, str(k)))
     else:
         yield prefix, tree
 
@@ -183,7 +184,7 @@ def _modules_of(cfg: ModelConfig, lora_tree) -> dict[tuple[str, ...], tuple[obje
     """Module path → (A, B) stacked factors, with every shape checked against the config."""
     lora_tree = lora_tree or {}
     known = _known_paths(cfg)
-    leaves = dict(_flatten(lora_tree))
+    leaves = dict(flatten_tree(lora_tree))
     modules: dict[tuple[str, ...], dict[str, object]] = {}
     for path, leaf in leaves.items():
         module, name = path[:-1], path[-1]
@@ -251,11 +252,13 @@ def qk_clip_is_identity(qk_clip_tree) -> bool:
     """True when every QK-clip factor is exactly 1 (nothing was clipped), or there is no tree."""
     if qk_clip_tree is None:
         return True
-    return all(bool(np.all(np.asarray(x) == 1.0)) for _, x in _flatten(_unbox(qk_clip_tree)))
+    return all(
+        bool(np.all(np.asarray(x) == 1.0)) for _, x in flatten_tree(unbox_tree(qk_clip_tree))
+    )
 
 
 def _nonempty(tree) -> bool:
-    return tree is not None and any(True for _ in _flatten(_unbox(tree)))
+    return tree is not None and any(True for _ in flatten_tree(unbox_tree(tree)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +317,7 @@ def export_peft(
         )
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
-    lora_tree = _unbox(lora_tree)
+    lora_tree = unbox_tree(lora_tree)
     modules = _modules_of(model_config, lora_tree)
     if not modules:
         raise ExportError("the LoRA tree holds no adapters; nothing to export")
@@ -325,7 +328,7 @@ def export_peft(
             "q_b_proj/kv_b_proj rows is not a low-rank update)"
         )
     if _nonempty(trained_params):
-        names = ["/".join(p) for p, _ in _flatten(_unbox(trained_params))][:3]
+        names = ["/".join(p) for p, _ in flatten_tree(unbox_tree(trained_params))][:3]
         lossy.append(f"base parameters trained in full ({', '.join(names)}, ...)")
     if lossy:
         msg = (
@@ -413,9 +416,9 @@ def _build(cfg, lora_tree, modules, r, scale, layout, np_dtype):
             return lora_factors(lora_tree, LoraSlot("", (stack, "mlp", "experts", proj), layer, e))
 
         if layout == "per-expert":
-            target_modules.update(_MLP)
+            target_modules.update(MLP_TARGETS)
             for e in range(E):
-                for proj in _MLP:
+                for proj in MLP_TARGETS:
                     out_f, in_f = linear_shape(cfg, (stack, "mlp", "experts", proj))
                     add(
                         f"{base}.{e}.{proj}.lora_A.weight",
@@ -452,7 +455,7 @@ def _build(cfg, lora_tree, modules, r, scale, layout, np_dtype):
                     for k, p in enumerate(gate_up):
                         rows = slice(0, F) if p == "gate_proj" else slice(F, 2 * F)
                         blocks[e, rows, k * r : (k + 1) * r] = f(p, e)[1]
-                return blocks.transpose(1, 2, 0).reshape(2 * F, -1)
+                return einops.rearrange(blocks, "e f k -> f (k e)")
 
             add(f"{key}.lora_A.weight", (E * rank_gu, D), fused_a)
             add(f"{key}.lora_B.weight", (2 * F, rank_gu * E), fused_b)
@@ -464,7 +467,7 @@ def _build(cfg, lora_tree, modules, r, scale, layout, np_dtype):
 
             def down_b(f=factors):
                 b = np.stack([f("down_proj", e)[1] for e in range(E)])  # [E, D, r]
-                return b.transpose(1, 2, 0).reshape(D, r * E)
+                return einops.rearrange(b, "e d k -> d (k e)")  # column k·E + e
 
             add(f"{base}.lora_A.weight", (E * r, F), down_a)
             add(f"{base}.lora_B.weight", (D, r * E), down_b)

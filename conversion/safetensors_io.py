@@ -1,4 +1,4 @@
-"""Reading and writing safetensors files by hand: lazy, memory-mapped, and strict.
+"""Reading and writing safetensors files by hand: lazy, strict, and the one reader k2jax has.
 
 The safetensors format (https://github.com/huggingface/safetensors) is deliberately simple:
 
@@ -12,18 +12,25 @@ The safetensors format (https://github.com/huggingface/safetensors) is deliberat
     bytes [8 + N, EOF)  the data section: each tensor's elements, row-major, little-endian,
                         at [8 + N + begin, 8 + N + end)
 
-There is no compression and no pickling: a tensor is a byte range, so memory-mapping the file and
-viewing that range with the right numpy dtype *is* reading it. Nothing is copied until an
-operation needs the values, and the OS pages in only the rows that are touched — a host that owns
-rows [a, b) of a [163840, 7168] embedding reads just those pages (`read(name, rows=slice(a, b))`).
+There is no compression and no pickling: a tensor is a byte range, so a read is offset arithmetic
+plus one of two ways of fetching the bytes, both through the one header parsed and checked here:
 
-Why our own reader: safetensors' numpy and flax front ends cannot represent F8_E4M3 (numpy has no
-such dtype; they raise on Kimi-K2-Instruct's FP8 shards), and their bf16 support depends on
-ml_dtypes being imported first. The torch front end reads everything but would make torch a core
-dependency (rejected: STYLE.md keeps torch to the tests). The format fits in a page, so we parse
-it here with ml_dtypes for BF16 and the FP8 types, and validate everything the header claims
-before trusting it: a corrupted or truncated shard of a 1 TB checkpoint must fail with the file
-and tensor named, not with a numpy reshape error (or silently wrong weights) an hour into a load.
+    read(name, rows)    a read-only view of the memory-mapped file: nothing is copied until used,
+                        and the OS pages in only the rows touched (a host owning rows [a, b) of a
+                        [163840, 7168] embedding reads just those pages).
+    ..., mmap=False     the same bytes `pread` into a new array. The checkpoint loader reads so:
+                        mapped pages of a 9 GB shard stay in the resident set while the file is
+                        open, so the memory a conversion needs could not be measured or bounded
+                        (pages still go through the page cache, which the kernel reclaims freely).
+
+Why our own reader, and no `safetensors` import: safe_open's numpy and flax front ends raise on
+F8_E4M3 (numpy has no such dtype: Kimi-K2-Instruct's FP8 shards), and the torch one would make
+torch a core dependency (STYLE.md keeps it to the tests). Using safe_open for the other dtypes only
+would mean two read paths, reads through its whole-file mapping (the resident-set problem above)
+and errors that name neither file nor tensor ("incomplete metadata, file not fully covered"). The
+format fits in a page, so we parse it here, with ml_dtypes for BF16 and FP8, and validate all the
+header claims before trusting it: a corrupted or truncated shard of a 1 TB checkpoint must fail
+with the file and tensor named, not with a reshape error (or wrong weights) an hour into a load.
 
 Why our own writer: the same dtypes (BF16, F8_E4M3) have to be written from numpy, and a converter
 that exports a 600 GB checkpoint needs two things safetensors' `save_file` does not give: tensors
@@ -31,7 +38,7 @@ streamed to disk one at a time (save_file serialises the whole file in memory fi
 files (written under a temporary name, fsynced, renamed), so an interrupted or failed export
 (disk full, quota) leaves no half-written file that a later load would trust.
 
-    SafetensorsFile       one .safetensors file: keys(), info(name), read(name, rows=...)
+    SafetensorsFile       one .safetensors file: keys(), info(name), read(name, rows=..., mmap=...)
     CheckpointIndex       a Hugging Face checkpoint folder: model.safetensors.index.json's
                           weight_map (tensor → shard) or a single model.safetensors
     write_safetensors     one file, atomic, streamed
@@ -52,6 +59,7 @@ import os
 import shutil
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -252,6 +260,9 @@ class SafetensorsFile:
         self._tensors, self.metadata = _parse_header(self.path, raw, size - self._data_start)
         self._keys = sorted(self._tensors, key=lambda name: self._tensors[name].offsets)
         self._mmap: np.memmap | None = None
+        self._fd: int | None = None  # for mmap=False reads; opened on first use
+        self._close_fd: weakref.finalize | None = None
+        self._lock = threading.Lock()
         self._closed = False
 
     def keys(self) -> list[str]:
@@ -274,9 +285,10 @@ class SafetensorsFile:
         except KeyError:
             raise MissingTensorError(f"{self.path}: no tensor named {name!r}") from None
 
-    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
-        """A read-only array view of tensor `name`, or of its rows `rows` (a step-1 slice of the
-        first axis; the other rows are not touched)."""
+    def read(self, name: str, rows: slice | None = None, *, mmap: bool = True) -> np.ndarray:
+        """Tensor `name`, or its rows `rows` (a step-1 slice of the first axis; the other rows are
+        not touched): a read-only view of the memory-mapped file, or with `mmap=False` a new
+        writable array filled by `pread` (see the module docstring)."""
         info = self.info(name)
         if self._closed:
             raise ValueError(f"{self.path}: read of {name!r} after close()")
@@ -293,6 +305,8 @@ class SafetensorsFile:
             row_bytes = math.prod(shape[1:]) * dtype.itemsize
             begin += start * row_bytes
             shape = (stop - start, *shape[1:])
+        if not mmap:
+            return self._pread(name, np.empty(shape, dtype), begin)
         if math.prod(shape) == 0:
             empty = np.empty(shape, dtype)
             empty.flags.writeable = False
@@ -308,10 +322,36 @@ class SafetensorsFile:
         # A plain ndarray over the mapping (not an np.memmap subclass); read-only like the mapping.
         return np.ndarray(shape, dtype, buffer=self._mmap, offset=begin)
 
+    def _pread(self, name: str, out: np.ndarray, begin: int) -> np.ndarray:
+        """`out` filled with the file's bytes from `begin` on, through a descriptor opened on first
+        use and closed by close() or with the object (CheckpointIndex forgets, never closes)."""
+        with self._lock:
+            if self._fd is None:
+                try:
+                    self._fd = os.open(self.path, os.O_RDONLY)
+                except OSError as e:
+                    raise CheckpointError(f"{self.path}: cannot open ({e.strerror})") from None
+                self._close_fd = weakref.finalize(self, os.close, self._fd)
+            fd = self._fd
+        view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], begin + done)
+            if n <= 0:
+                raise SafetensorsError(
+                    f"{self.path}: the file ends inside tensor {name!r} "
+                    "(truncated after its header was read?)"
+                )
+            done += n
+        return out
+
     def close(self) -> None:
-        """Drops this object's mapping; arrays already returned keep theirs alive."""
-        self._mmap = None
-        self._closed = True
+        """Drops this object's mapping and descriptor; arrays already returned stay valid."""
+        with self._lock:
+            self._mmap = None
+            if self._close_fd is not None:
+                self._close_fd()
+            self._fd = self._close_fd = None
+            self._closed = True
 
     def __enter__(self) -> SafetensorsFile:
         return self
@@ -331,7 +371,8 @@ class CheckpointIndex:
     one is a single `model.safetensors`. The index is read at construction and every shard it
     names must exist; shards are opened (header only) on first use, and the index keeps at most
     `max_open_files` of them, forgetting the least recently used — a 64-shard checkpoint read
-    layer by layer keeps a handful mapped. `validate()` checks the whole index against the shard
+    layer by layer keeps a handful open (a forgotten file closes its descriptor when collected,
+    its mapping with the last view). `validate()` checks the whole index against the shard
     headers up front. Safe to use from several threads.
     """
 
@@ -434,10 +475,11 @@ class CheckpointIndex:
         f, name = self._entry(name)
         return f.info(name)
 
-    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
-        """A read-only, memory-mapped view of tensor `name` (or of its rows `rows`)."""
+    def read(self, name: str, rows: slice | None = None, *, mmap: bool = True) -> np.ndarray:
+        """Tensor `name` (or its rows `rows`) as SafetensorsFile.read gives it: a read-only,
+        memory-mapped view, or with `mmap=False` a new array of its own."""
         f, name = self._entry(name)
-        return f.read(name, rows=rows)
+        return f.read(name, rows=rows, mmap=mmap)
 
     def validate(self) -> None:
         """Opens every shard's header and checks that it holds every tensor the index gives it.

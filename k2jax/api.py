@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from k2jax.config import ConfigError, ModelConfig
+from k2jax.config import ModelConfig
 from k2jax.lora import LoraConfig
 from k2jax.model import ComputeConfig, Transformer
 
@@ -150,9 +150,7 @@ def load_finetune(
         tuned = k2jax.load_finetune("runs/my-run")
         tuned.generate("Hello", max_new_tokens=32)
     """
-    from k2jax.train.run import Run, load_run
-
-    run = run_dir if isinstance(run_dir, Run) else load_run(run_dir, step)
+    run = _as_run(run_dir, step)
     if run.base_path is None:
         raise ValueError(
             f"{run_dir}: the run trained on the random preset {run.preset!r}, not a checkpoint "
@@ -221,46 +219,90 @@ def load_model(
     check_finite: refuse weights holding NaN or Inf (a CheckpointError naming the files and
         tensors); False loads them as they are.
     """
-    from k2jax.conversion.loader import HFCheckpoint, abstract_params
-    from k2jax.conversion.orbax_io import is_converted, read_metadata, restore_params
+    from k2jax.conversion.checkpoint import read_checkpoint
 
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a checkpoint folder")
-    cfg = ModelConfig.from_hf_dir(path, **(config_overrides or {}))
-    converted = is_converted(path)
-    hf = None
-    if converted:
-        stored_experts = read_metadata(path)["experts"]
-    else:
-        hf = HFCheckpoint(path, cfg)
-        stored_experts = hf.default_experts
-    try:
-        if compute is None:
-            compute = ComputeConfig(
-                dtype=dtype, param_dtype=dtype, experts=experts or stored_experts
-            )
-        elif experts is not None or dtype != "bfloat16":
-            raise ConfigError("pass either compute=... or dtype/experts, not both")
-        if converted and compute.experts != stored_experts:
-            raise ConfigError(
-                f"{path} was converted with experts={stored_experts!r}; load it with that (or "
-                f"convert the Hugging Face checkpoint again with --experts {compute.experts})"
-            )
-        abstract = abstract_params(cfg, compute)
-        shardings = None
-        if mesh is not None:
-            from k2jax.sharding import check_mesh_fits, param_shardings
+    cfg, compute, params = read_checkpoint(
+        path,
+        mesh=mesh,
+        dtype=dtype,
+        experts=experts,
+        compute=compute,
+        config_overrides=config_overrides,
+        progress=progress,
+        check_finite=check_finite,
+    )
+    return K2Model(cfg, compute, params, mesh=mesh, path=Path(path))
 
-            check_mesh_fits(mesh, cfg)
-            shardings = param_shardings(abstract, mesh)
-        if converted:
-            params = restore_params(
-                path, abstract, shardings, progress=progress, check_finite=check_finite
-            )
-        else:
-            params = hf.load(abstract, shardings, progress=progress, check_finite=check_finite)
-    finally:
-        if hf is not None:
-            hf.close()
-    return K2Model(cfg, compute, params, mesh=mesh, path=path)
+
+def _as_run(run, step: int | None):
+    from k2jax.train.run import Run, load_run
+
+    return run if isinstance(run, Run) else load_run(run, step)
+
+
+def export_adapter(
+    run,
+    out: str | os.PathLike,
+    *,
+    step: int | None = None,
+    layout: str = "per-expert",
+    dtype: str = "float32",
+    strict: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """A training run's adapters as a PEFT adapter folder (`k2jax export`; k2jax.conversion.peft).
+
+    run: a run folder or a `k2jax.train.Run` (then `step` is ignored); step: its checkpoint
+    (default: the newest). layout "per-expert" names every routed expert as vLLM and PEFT
+    expect, "fused" as transformers 5's fused expert parameters. strict refuses a run whose
+    QK-clip factors are not all 1 or that trained base parameters in full (an adapter cannot
+    carry them; `merge_run` can).
+    """
+    from k2jax.conversion.peft import export_peft
+
+    r = _as_run(run, step)
+    return export_peft(
+        r.model_config,
+        r.lora_config,
+        r.lora,
+        r.qk_clip,
+        out,
+        layout=layout,
+        dtype=dtype,
+        trained_params=r.trained_params,
+        base_model_name_or_path=None if r.base_path is None else str(r.base_path),
+        strict=strict,
+        overwrite=overwrite,
+    )
+
+
+def merge_run(
+    run,
+    out: str | os.PathLike,
+    *,
+    step: int | None = None,
+    base: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """A training run's LoRA, QK-clip factors and fully trained parameters folded into its base
+    checkpoint (`base`, default: the one the run trained), written in that checkpoint's format
+    (`k2jax merge`; k2jax.conversion.merge)."""
+    from k2jax.conversion.merge import merge_lora
+
+    r = _as_run(run, step)
+    base = base or r.base_path
+    if base is None:
+        raise ValueError(
+            f"{r.run_dir}: the run trained on the random preset {r.preset!r}; there is no base "
+            "checkpoint to merge into (pass base=PATH if you have one)"
+        )
+    return merge_lora(
+        base,
+        r.model_config,
+        r.lora_config,
+        r.lora,
+        r.qk_clip,
+        out,
+        trained_params=r.trained_params,
+        overwrite=overwrite,
+    )

@@ -11,12 +11,11 @@ printed as it is generated. `/reset` starts a new conversation, `/quit` (or end 
 With a thinking template the reasoning is shown and kept out of the history, as the templates do.
 
 `ChatSession` is the same loop as a library object (a notebook can drive it). Nothing heavy is
-imported until `run` is called.
+imported until a model is loaded.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable
 
@@ -91,39 +90,6 @@ class ChatSession:
         return answer
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", metavar="PATH", help="checkpoint folder (HF layout + tokenizer)")
-    src.add_argument(
-        "--run", metavar="DIR", help="a k2jax training run: its base with the trained LoRA"
-    )
-    parser.add_argument("--step", type=int, help="checkpoint step of --run (default: newest)")
-    parser.add_argument(
-        "--tokenizer", metavar="DIR", help="tokenizer folder (default: the model's)"
-    )
-    parser.add_argument(
-        "--template", choices=TEMPLATES, help="chat template (default: the model's)"
-    )
-    parser.add_argument("--no-thinking", action="store_true", help="kimi_k25's instant mode")
-    parser.add_argument("--system", help="a system prompt")
-    parser.add_argument("--prompt", help="answer this one message and exit (no REPL)")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="longest answer, tokens")
-    parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    parser.add_argument(
-        "--top-p", type=float, default=1.0, help="keep the most likely tokens up to this mass"
-    )
-    parser.add_argument(
-        "--min-p", type=float, default=0.0, help="drop tokens below this × the top probability"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument(
-        "--dtype",
-        choices=("bfloat16", "float32"),
-        default="bfloat16",
-        help="compute and parameter dtype",
-    )
-
-
 def load(
     model: str | None = None,
     run: str | None = None,
@@ -169,21 +135,35 @@ def load(
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def chat(
+    model: str | None = None,
+    run: str | None = None,
+    *,
+    step: int | None = None,
+    tokenizer: str | None = None,
+    template: str | None = None,
+    thinking: bool = True,
+    dtype: str = "bfloat16",
+    system: str | None = None,
+    prompt: str | None = None,
+    sampling=None,
+    max_new_tokens: int = 512,
+    seed: int = 0,
+) -> None:
+    """`k2jax chat`: answers `prompt` and returns, or runs the REPL on stdin (each line a user
+    turn; /reset, /quit), printing the answers to stdout as they are generated. The model is a
+    checkpoint folder (`model`) or a training run (`run`), loaded as `load` does."""
     from k2jax.data.tokenizer import KimiTokenizer
     from k2jax.generate import Sampling
 
-    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, min_p=args.min_p)
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     loaded = load(
-        args.model,
-        args.run,
-        step=args.step,
-        tokenizer=args.tokenizer,
-        template=args.template,
-        thinking=not args.no_thinking,
-        dtype=args.dtype,
+        model,
+        run,
+        step=step,
+        tokenizer=tokenizer,
+        template=template,
+        thinking=thinking,
+        dtype=dtype,
     )
     template = loaded["template"]
     session = ChatSession(
@@ -192,20 +172,20 @@ def run(args: argparse.Namespace) -> int:
         KimiTokenizer.from_dir(loaded["tokenizer"]),
         template=template,
         thinking=loaded["thinking"],
-        system=args.system,
-        sampling=sampling,
-        max_new_tokens=args.max_new_tokens,
-        seed=args.seed,
+        system=system,
+        sampling=sampling or Sampling(),
+        max_new_tokens=max_new_tokens,
+        seed=seed,
     )
 
     def write(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    if args.prompt is not None:
-        session.reply(args.prompt, write)
+    if prompt is not None:
+        session.reply(prompt, write)
         write("\n")
-        return 0
+        return
     interactive = sys.stdin.isatty()
     print(f"k2jax chat ({template}): {HELP}", file=sys.stderr)
     while True:
@@ -228,4 +208,3 @@ def run(args: argparse.Namespace) -> int:
             continue
         session.reply(text, write)
         write("\n")
-    return 0

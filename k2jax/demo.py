@@ -22,7 +22,6 @@ script (or CI) can check the run; the exit status is 0 when learned, 1 otherwise
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -33,27 +32,6 @@ PROMPTS = (
     "What does a cow say?",
 )
 DEFAULT_STEPS = 60
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", metavar="DIR", help="folder for everything")
-    parser.add_argument(
-        "--steps", type=int, default=DEFAULT_STEPS, help=f"train steps (default {DEFAULT_STEPS})"
-    )
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    result = demo(
-        args.out,
-        steps=args.steps,
-        max_new_tokens=args.max_new_tokens,
-        progress=not args.no_progress,
-    )
-    return 0 if result["style_learned"] else 1
 
 
 def demo(
@@ -154,22 +132,11 @@ def _train(base: Path, run_dir: Path, steps: int, progress: bool) -> list[float]
 
 
 def _export(run_dir: Path, folder: Path) -> Path:
-    from k2jax.conversion.peft import export_peft
-    from k2jax.train.run import load_run
+    from k2jax.api import export_adapter
 
-    r = load_run(run_dir)
     # QK-clip factors that moved cannot go into a PEFT adapter: export says so rather than
     # writing a different model (k2jax merge carries them); τ = 100 does not bind on this run.
-    return export_peft(
-        r.model_config,
-        r.lora_config,
-        r.lora,
-        r.qk_clip,
-        folder,
-        trained_params=r.trained_params,
-        base_model_name_or_path=str(r.base_path),
-        overwrite=True,
-    )
+    return export_adapter(run_dir, folder, overwrite=True)
 
 
 def _compare(base: Path, run_dir: Path, prompts, max_new_tokens: int) -> list[tuple[str, str]]:

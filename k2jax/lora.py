@@ -28,16 +28,11 @@ import math
 
 from k2jax.config import ConfigError, check_field_types
 
-ALL_TARGETS = (
-    "q_a_proj",
-    "q_b_proj",
-    "kv_a_proj_with_mqa",
-    "kv_b_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
+# The linears LoRA can target, by HF module name: attention's five and the MLP's three (dense
+# MLP, shared and routed experts alike). The one list: conversion's names and checks use it too.
+ATTENTION_TARGETS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+ALL_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
 
 LINEAR_PATHS = (
     "self_attn.q_a_proj",

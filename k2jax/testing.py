@@ -207,7 +207,7 @@ def _int4_encode(w: np.ndarray, group: int) -> dict[str, np.ndarray]:
 def _plan_tensors(cfg, fmt_name, seed, dtype, fp8_block, group_size):
     """name → _Lazy for every stored tensor, and the quantization_config (or None)."""
     from k2jax.conversion.formats import FP8, INT4, parse_quantization
-    from k2jax.conversion.loader import LINEAR_MODULES
+    from k2jax.conversion.pieces import LINEAR_MODULES
 
     qc = None
     if fmt_name == "fp8":

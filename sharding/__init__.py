@@ -15,6 +15,7 @@ _EXPORTS = {
     "parse_mesh_spec": "mesh",
     "RULES": "rules",
     "ShardingRuleError": "rules",
+    "constrain": "rules",
     "flax_rules": "rules",
     "logical_specs": "rules",
     "mesh_axes": "rules",

@@ -1,8 +1,8 @@
 """The one table that maps logical axis names to mesh axes.
 
-Model code names the axes of every weight and of the activations at layer boundaries
-(`nn.with_logical_partitioning` / `nn.with_logical_constraint`); this table alone decides where
-they live on the (data, expert, tensor) mesh. Changing a parallelism strategy touches only RULES.
+Model code names the axes of every weight (`nn.with_logical_partitioning`) and of the
+activations at layer boundaries (`constrain(x, names)`); this table alone decides where they live
+on the (data, expert, tensor) mesh. Changing a parallelism strategy touches only RULES.
 
     logical axis       mesh axes            used by
     batch              (data, expert)       tokens outside the MoE: data-parallel over both
@@ -21,7 +21,16 @@ Inside the MoE the tokens are split over all three axes ("moe_tokens") and excha
 experts' axes (k2jax/model/expert_parallel.py reads both from here with `mesh_axes`). Optimizer
 state follows the parameter it belongs to.
 
-`spec_for(names)` fails when a name has no rule or when a spec would use one mesh axis twice.
+One resolver, `spec_for(names)`, turns names into a PartitionSpec for weights and activations
+alike, and fails when a name has no rule or when a spec would use one mesh axis twice. Rejected
+alternative: flax's `nn.with_logical_constraint` for activations. Its resolver treats the same
+table as priorities: a name without a rule, or one whose mesh axes an earlier dim took, is
+silently left unsharded, so a typo or a collision changes the layout without a word.
+
+flax still resolves names in one place of its own: a boxed weight (nn.LogicallyPartitioned) that
+a module reads during `init` under `use_mesh` re-applies its constraint through the flax rules
+set there. Those are the names `logical_specs` has already resolved strictly for the same tree's
+shardings, so the two agree.
 """
 
 from __future__ import annotations
@@ -109,8 +118,12 @@ def param_shardings(boxed_tree, mesh: Mesh):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), logical_specs(boxed_tree))
 
 
-def activation_spec(*names: str) -> PartitionSpec:
-    return spec_for(names)
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """`x` pinned to the layout `spec_for(names)` on the context mesh (jax.set_mesh / use_mesh);
+    `x` unchanged when there is no context mesh (single-device use, no sharding to pin)."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec_for(names))
 
 
 def flax_rules():
@@ -120,7 +133,7 @@ def flax_rules():
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh):
-    """The context model code runs in on a mesh: jax's context mesh (shard_map and sharding
-    constraints use it) and flax's logical-axis rules (for nn.with_logical_constraint)."""
+    """The context model code runs in on a mesh: jax's context mesh (shard_map and `constrain`
+    use it) and flax's logical-axis rules (for flax's own unboxing of weights, module docstring)."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(flax_rules()):
         yield mesh

@@ -10,7 +10,7 @@ import sys
 import pytest
 from helpers import ROOT
 
-from k2jax import logs
+from k2jax import cli, logs
 from k2jax.cli import build_parser, main
 
 
@@ -49,7 +49,8 @@ def test_quiet_by_default_verbose_on_request(capsys, monkeypatch):
         seen["verbose"] = args.verbose
         return 0
 
-    monkeypatch.setattr("k2jax.train.plan_cli.run", fake_run)
+    help_text, plan_args, _ = cli.COMMANDS["plan"]
+    monkeypatch.setitem(cli.COMMANDS, "plan", (help_text, plan_args, fake_run))
     before = (list(logging.getLogger().handlers), logging.getLogger("absl").level)
     assert main(["plan", "--config", "tiny.gin"]) == 0
     err = capsys.readouterr().err

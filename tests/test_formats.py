@@ -38,7 +38,9 @@ from k2jax.conversion.safetensors_io import CheckpointError, SafetensorsFile, wr
 from k2jax.quant import Int4Weight, dequantize, quantize_int4
 
 # ---------------------------------------------------------------------------------------------
-# Kimi's configs (K2_FACTS §1.1–1.3, §2.3)
+# Kimi's configs (K2_FACTS §1.1–1.3, §2.3). Written out here rather than taken from
+# k2jax.testing (FP8_/INT4_QUANTIZATION_CONFIG, what the test checkpoints carry): these tests are
+# the independent oracle for parse_quantization, so they must not share the library's copy.
 
 K2_FP8 = {
     "quant_method": "fp8",

@@ -125,9 +125,9 @@ def _newton_schulz64(x: np.ndarray, steps: int = 5) -> np.ndarray:
 
 def test_ill_conditioned_factors_stay_near_the_full_forms_accuracy(monkeypatch):
     """Momenta whose singular values span 10² … 10⁶, or that are rank-deficient (an expert that
-    got few tokens): ≤ 5e-5 off float64 (measured ≤ 3.7e-5), where optax's float32 full form is
-    ~2e-5 off. All five steps on one Gram matrix (GRAM_SEGMENT_STEPS = 5) would be up to 4e-3 off:
-    G squares the condition number."""
+        got few tokens): ≤ 5e-5 off float64 (measured ≤ 3.7e-5), where optax's float32 full form is
+        ~2e-5 off. All five steps on one Gram matrix (GRAM_SEGMENT_STEPS = 5) break that bound (measured
+    3e-4 … 1e-3 off, depending on the CPU's summation order): G squares the condition number."""
     rng = np.random.default_rng(5)
     u, _ = np.linalg.qr(rng.normal(size=(1024, 16)))
     v, _ = np.linalg.qr(rng.normal(size=(16, 16)))
@@ -142,8 +142,11 @@ def test_ill_conditioned_factors_stay_near_the_full_forms_accuracy(monkeypatch):
         assert rel_err(full, truth) <= 3e-5, x.shape  # the oracle's own float32 error
         assert rel_err(orthogonalize_in_gram_space(x32, coeffs, 1e-8), truth) <= 5e-5, x.shape
     monkeypatch.setattr(optimizer, "GRAM_SEGMENT_STEPS", 5)
-    one_gram = orthogonalize_in_gram_space(jnp.asarray(cases[1], jnp.float32), coeffs, 1e-8)
-    assert rel_err(one_gram, _newton_schulz64(cases[1])) > 1e-3
+    worst = max(
+        rel_err(orthogonalize_in_gram_space(jnp.asarray(x, jnp.float32), coeffs, 1e-8), truth)
+        for x, truth in ((x, _newton_schulz64(x)) for x in cases[1:3])
+    )
+    assert worst > 4 * 5e-5, worst
 
 
 def _trainable(rng, L=2, E=4):

@@ -239,6 +239,24 @@ def test_file_changed_after_open(tmp_path):
         f.read("w")
 
 
+def test_pread_reads_own_arrays_and_names_a_truncated_tensor(tmp_path):
+    w = np.arange(10 * 6, dtype=np.float32).reshape(10, 6).astype(ml_dtypes.float8_e4m3fn)
+    path = write_safetensors(tmp_path / "model.safetensors", {"w": w, "z": np.zeros(8, np.float32)})
+    with CheckpointIndex(tmp_path) as ckpt:
+        for rows in [None, slice(3, 7), slice(8, None), slice(4, 4)]:
+            part = ckpt.read("w", rows, mmap=False)
+            assert part.flags.owndata and part.flags.writeable  # never a view of a mapping
+            np.testing.assert_array_equal(part, w if rows is None else w[rows])
+    f = SafetensorsFile(path)
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size - 16)
+    with pytest.raises(
+        SafetensorsError, match=r"model\.safetensors: the file ends inside tensor 'w'"
+    ):
+        f.read("w", mmap=False)  # stored last (widest dtype first), so cut by the truncation
+    f.close()
+
+
 def _craft(path: Path, header: dict, data: bytes = b"", length: int | None = None) -> Path:
     raw = json.dumps(header).encode()
     n = len(raw) if length is None else length

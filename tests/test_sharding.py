@@ -21,6 +21,7 @@ from k2jax.sharding import (
     MeshError,
     ShardingRuleError,
     check_mesh_fits,
+    constrain,
     logical_specs,
     make_mesh,
     parse_mesh_spec,
@@ -65,6 +66,21 @@ def test_rules_table_errors():
         spec_for(("embed", "mystery"))
     with pytest.raises(ShardingRuleError, match="twice"):
         spec_for(("experts", "heads"))  # both use `tensor`
+
+
+def test_activation_constraints_use_the_strict_resolver():
+    """`constrain` pins activations with spec_for: a no-op without a mesh, the layer-boundary
+    layout flax's resolver also gives, and an error where flax would silently drop an axis."""
+    x = jnp.ones((8, 4, 16))
+    assert constrain(x, ("batch", "seq", "act_embed")) is x  # no context mesh
+    mesh = make_mesh(2, 2, 2)
+    with use_mesh(mesh):
+        y = jax.jit(lambda x: constrain(x, ("batch", "seq", "act_embed")))(x)
+        want = PartitionSpec(("data", "expert"), None, None)
+        assert y.sharding.is_equivalent_to(NamedSharding(mesh, want), x.ndim)
+        assert nn.logical_to_mesh_axes(("batch", "seq", "act_embed")) == want
+        with pytest.raises(ShardingRuleError, match="twice"):
+            jax.jit(lambda x: constrain(x, ("batch", "moe_tokens", None)))(x)
 
 
 def test_every_full_size_array_has_a_rule():

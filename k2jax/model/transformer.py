@@ -33,6 +33,7 @@ from k2jax.model.mla import MLA
 from k2jax.model.moe import MoE
 from k2jax.model.options import ComputeConfig
 from k2jax.ops.einsum import einsum_acc
+from k2jax.sharding.rules import constrain
 
 LAYER_ACTIVATION = ("batch", "seq", "act_embed")
 
@@ -46,7 +47,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, positions_BT, segment_ids_BT):
         c = self.cfg
-        x_BTD = nn.with_logical_constraint(x_BTD, LAYER_ACTIVATION)
+        x_BTD = constrain(x_BTD, LAYER_ACTIVATION)
         h = RMSNorm(c.rms_norm_eps, self.compute, name="input_layernorm")(x_BTD)
         attn, max_logit_H = MLA(c, self.compute, self.lora, name="self_attn")(
             h, positions_BT, segment_ids_BT
@@ -59,7 +60,7 @@ class DecoderLayer(nn.Module):
             aux.update(moe_aux)
         else:
             y = MLP(c.intermediate_size, self.compute, self.lora, name="mlp")(h)
-        x_BTD = nn.with_logical_constraint(x_BTD + y, LAYER_ACTIVATION)
+        x_BTD = constrain(x_BTD + y, LAYER_ACTIVATION)
         return x_BTD, aux
 
 

@@ -41,6 +41,7 @@ temporaries): the kernel's oracle in tests.
 
 from __future__ import annotations
 
+import einops
 import jax
 import jax.numpy as jnp
 
@@ -203,8 +204,8 @@ def max_logit_blocked(
         visible = attention_mask(seg, kv_segment_ids, idx)
         return jnp.max(jnp.where(visible, logits * scale, -jnp.inf), axis=(0, 2, 3))
 
-    def split(x):
-        return jnp.moveaxis(x.reshape(B, n, block, *x.shape[2:]), 1, 0)
+    def split(x):  # [B, T, ...] → [n, B, block, ...]: lax.map runs over the query blocks
+        return einops.rearrange(x, "b (n t) ... -> n b t ...", n=n)
 
     per_block = jax.lax.map(
         one, (split(q_nope), split(q_rope), split(q_segment_ids), split(q_index))

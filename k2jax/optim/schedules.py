@@ -11,7 +11,9 @@ update, starting at 0). Warmup is linear and reaches `peak · (c + 1) / warmup_s
 update already moves the weights (optax.linear_schedule starts at exactly 0, which wastes the first
 step: with LoRA's B = 0 that step would change nothing at all).
 
-The schedule is a pure function of the count, so resuming from a checkpoint (which holds the
+Built from optax's pieces (linear_schedule, cosine_decay_schedule, join_schedules, which hands
+each piece the count minus its start); only the WSD cooldown shapes are written here. The schedule
+is a pure function of the count, so resuming from a checkpoint (which holds the
 optimizer's count) continues it exactly.
 """
 
@@ -23,6 +25,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import jax.numpy as jnp
+import optax
 
 from k2jax.config import ConfigError, check_field_types
 
@@ -78,38 +81,29 @@ def make_schedule(
             f"({total_steps}) for a decaying schedule"
         )
     final = peak * config.final_fraction
-
-    def warm(c):
-        return peak * jnp.minimum(1.0, (c + 1.0) / max(warmup, 1))
-
+    # optax.linear_schedule starts at init_value: peak/warmup at c = 0, peak at c = warmup − 1.
+    warm = optax.linear_schedule(peak / max(warmup, 1), peak, max(warmup - 1, 1))
     if config.name == "constant":
-        return lambda count: jnp.where(count < warmup, warm(count), peak).astype(jnp.float32)
-
-    if config.name == "cosine":
+        after = optax.constant_schedule(peak)
+    elif config.name == "cosine":
         decay = config.decay_steps or (total_steps - warmup)
+        after = optax.cosine_decay_schedule(peak, decay, alpha=config.final_fraction)
+    else:  # wsd: stable at the peak, then the last decay_fraction of the steps decays
+        decay = max(1, round(total_steps * config.decay_fraction))
+        start = max(warmup, total_steps - decay)
+        decay = max(1, total_steps - start)
+        shape = config.decay_shape
 
-        def cosine(count):
-            p = jnp.clip((count - warmup) / decay, 0.0, 1.0)
-            lr = final + (peak - final) * 0.5 * (1.0 + jnp.cos(math.pi * p))
-            return jnp.where(count < warmup, warm(count), lr).astype(jnp.float32)
+        def cooldown(k):  # k = count − start; the first decayed update is already below peak
+            p = jnp.clip((k + 1.0) / decay, 0.0, 1.0)
+            if shape == "linear":
+                f = 1.0 - p
+            elif shape == "cosine":
+                f = 0.5 * (1.0 + jnp.cos(math.pi * p))
+            else:
+                f = 1.0 - jnp.sqrt(p)
+            return final + (peak - final) * f
 
-        return cosine
-
-    # wsd: warmup, stable at the peak, then the last decay_fraction of the steps decays
-    decay = max(1, round(total_steps * config.decay_fraction))
-    start = max(warmup, total_steps - decay)
-    decay = max(1, total_steps - start)
-    shape = config.decay_shape
-
-    def wsd(count):
-        p = jnp.clip((count - start + 1.0) / decay, 0.0, 1.0)
-        if shape == "linear":
-            f = 1.0 - p
-        elif shape == "cosine":
-            f = 0.5 * (1.0 + jnp.cos(math.pi * p))
-        else:
-            f = 1.0 - jnp.sqrt(p)
-        lr = final + (peak - final) * f
-        return jnp.where(count < warmup, warm(count), lr).astype(jnp.float32)
-
-    return wsd
+        after = optax.join_schedules([optax.constant_schedule(peak), cooldown], [start - warmup])
+    schedule = optax.join_schedules([warm, after], [warmup])
+    return lambda count: jnp.asarray(schedule(count), jnp.float32)

@@ -1,16 +1,17 @@
 """k2jax.train: LoRA training over a frozen bf16 or INT4 base — the loop, its state, checkpoints.
 
 * `Trainer` (trainer.py) — `Trainer.from_config(files, overrides).fit()`: set-up, the loop,
-  metrics, evaluation, checkpoints, exact resume. `k2jax train` is a thin wrapper (cli.py).
+  metrics, evaluation, checkpoints, exact resume. `k2jax train` (k2jax/cli.py) calls it.
 * `RunConfig` (config.py) — the run's sections (model, compute, mesh, lora, optim, schedule, data,
   train, eval, checkpoint, log), read from gin-syntax files.
 * `Program` (step.py) — the compiled train/eval steps and every sharding, cached per setup.
 * `Checkpointer` (checkpoint.py) — Orbax: async, keep-last-N, atomic, restorable on any mesh.
 * `load_run` (run.py) — a run folder's configs, LoRA, QK-clip factors, trained base leaves.
+* `plan` / `plan_config` (planner.py) — will a run fit a mesh: the real step compiled for CPU
+  devices standing in for the GPUs (`k2jax plan`).
 * `tensorboard` — a dependency-free TensorBoard scalar writer.
 
-Names load lazily (as in the top-level package), so `k2jax train --help` — which imports
-k2jax.train.cli — does not import jax.
+Names load lazily (as in the top-level package), so `import k2jax.train` does not import jax.
 """
 
 import importlib

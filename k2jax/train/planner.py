@@ -75,6 +75,10 @@ class PlanResult:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def as_json(self) -> dict:
+        """`k2jax plan --json`'s object: every field, plus the total in GiB."""
+        return {**self.as_dict(), "per_device_gib": self.per_device_bytes / GIB}
+
     def table(self) -> str:
         rows = [
             ("int4 weights (experts)", self.int4_weights),
@@ -320,3 +324,114 @@ def largest_fitting_seq(model_cfg, *, step: int = 1024, max_seq: int | None = No
         else:
             hi = mid
     return lo, lo_plan
+
+
+def configs_from_file(path: str, overrides: list[str]):
+    """(ModelConfig, compute, lora, optim, run) from a model preset or a run config (run: the
+    RunConfig, or None for a preset). A preset takes only model.* overrides."""
+    from pathlib import Path
+
+    from k2jax.config import (
+        ConfigError,
+        ModelConfig,
+        find_config_file,
+        load_model_config,
+        parse_bindings,
+    )
+    from k2jax.model import ComputeConfig
+
+    path = str(find_config_file(path))  # a path, or a packaged name such as lora_sft.gin
+    text = Path(path).read_text()
+    text_keys = {k for s, k, _, _ in parse_bindings(text, filename=path) if s == "model"}
+    if "path" in text_keys or "preset" in text_keys:
+        from k2jax.train.config import RunConfig
+
+        run = RunConfig.load(path, overrides)
+        if run.model.preset:
+            model = load_model_config(run.model.preset)
+        else:
+            model = ModelConfig.from_hf_dir(run.model.path)
+        return model, run.compute, run.lora, run.optim, run
+    other = [o for o in overrides if not o.startswith("model.")]
+    if other:
+        raise ConfigError(
+            f"--set {other[0]}: {path} is a model preset, which takes only model.* overrides; "
+            "plan a run config (e.g. configs/lora_sft.gin) to change the lora, optim or compute "
+            "sections"
+        )
+    try:
+        model = load_model_config(path, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: not a model preset or run config: {e}") from None
+    compute = ComputeConfig(dtype="bfloat16", param_dtype="bfloat16", experts="int4", remat="full")
+    return model, compute, None, None, None
+
+
+def plan_config(
+    config: str,
+    overrides: list[str] = (),
+    *,
+    mesh_sizes: dict[str, int],
+    seq: int | None = None,
+    batch: int | None = None,
+    device_memory_gb: float = 80.0,
+    reserve_fraction: float = 0.05,
+    moe_chunk_tokens: int | None = None,
+    remat: str | None = None,
+    max_seq: bool = False,
+) -> dict[str, PlanResult]:
+    """`k2jax plan`: the plan of a model preset or a run config on a mesh, per remat policy.
+
+    A run config plans what it trains: its rows per step, microbatches and sequence length (seq
+    and batch override them; a preset plans seq 4096, one row per data×expert shard). remat is a
+    policy of REMAT_POLICIES, "all" (one plan per policy) or None (the config's). With max_seq
+    each plan is of the longest sequence that fits (a plan at 1024 tokens when none does, its
+    `fits` False).
+    """
+    from k2jax.model.options import REMAT_POLICIES
+
+    model, compute, lora, optim, run_config = configs_from_file(config, list(overrides))
+    grad_accum = 1
+    if run_config is not None:
+        batch = batch or run_config.data.batch_size
+        grad_accum = run_config.train.grad_accum
+        seq = seq or run_config.data.seq_len
+    seq = seq or 4096
+    if moe_chunk_tokens is None:
+        moe_chunk_tokens = compute.moe_chunk_tokens or 512
+    compute = dataclasses.replace(compute, moe_chunk_tokens=moe_chunk_tokens)
+    if remat not in (None, "all", *REMAT_POLICIES):
+        raise ValueError(
+            f"--remat must be one of {', '.join(REMAT_POLICIES)} or all, got {remat!r}"
+        )
+    policies = REMAT_POLICIES if remat == "all" else [remat or compute.remat]
+    kw = dict(
+        mesh_sizes=mesh_sizes,
+        batch=batch,
+        grad_accum=grad_accum,
+        device_memory_gb=device_memory_gb,
+        reserve_fraction=reserve_fraction,
+        lora=lora,
+        optim=optim,
+    )
+    results = {}
+    for policy in policies:
+        c = dataclasses.replace(compute, remat=policy)
+        result = None
+        if max_seq:
+            _, result = largest_fitting_seq(model, step=1024, compute=c, **kw)
+        results[policy] = result or plan(model, seq=1024 if max_seq else seq, compute=c, **kw)
+    return results
+
+
+def policy_table(results: dict[str, PlanResult], max_seq: bool) -> str:
+    """One line per remat policy: what the step holds and whether it fits."""
+    seq_head = "longest seq" if max_seq else "seq"
+    lines = [f"{'remat':<11}{seq_head:>12}{'temporaries':>14}{'total':>10}  fits"]
+    for policy, r in results.items():
+        seq = r.seq if (r.fits or not max_seq) else 0
+        lines.append(
+            f"{policy:<11}{seq:>12,}{r.temporaries / GIB:>11.2f} GiB{r.per_device_bytes / GIB:>7.2f} "
+            f"GiB  {'yes' if r.fits else 'no'}"
+        )
+    return "\n".join(lines)

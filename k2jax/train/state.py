@@ -30,7 +30,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 NORM_NAMES = ("input_layernorm", "post_attention_layernorm", "q_a_layernorm", "kv_a_layernorm")
 
 
-def _keys(path) -> tuple[str, ...]:
+def path_keys(path) -> tuple[str, ...]:
+    """A jax key path (from tree_flatten_with_path) as plain strings: dict keys and attribute
+    names, e.g. ("moe_layers", "mlp", "gate", "weight"). The parameter, LoRA and aux trees are
+    nested dicts, so this is the name every predicate here and in the step matches on."""
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
@@ -54,7 +57,7 @@ def split_params(params, predicate) -> tuple[dict, dict]:
     frozen: dict = {}
     trainable: dict = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0]:
-        keys = _keys(path)
+        keys = path_keys(path)
         target = trainable if predicate(keys) else frozen
         node = target
         for k in keys[:-1]:
@@ -91,7 +94,7 @@ def opt_state_shardings(opt_state_abstract, trainable_abstract, trainable_shardi
     for (path, x), s in zip(
         jax.tree_util.tree_flatten_with_path(trainable_abstract)[0], flat_shardings
     ):
-        by_path[_keys(path)] = (tuple(x.shape), s)
+        by_path[path_keys(path)] = (tuple(x.shape), s)
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def one(path, leaf):

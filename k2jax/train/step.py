@@ -74,9 +74,9 @@ from k2jax.optim import (
 )
 from k2jax.sharding import logical_specs, spec_for, use_mesh
 from k2jax.train.state import (
-    _keys,
     merge_params,
     opt_state_shardings,
+    path_keys,
     split_params,
     trainable_predicate,
 )
@@ -278,7 +278,7 @@ class Program:
             g, (sums, aux) = grad_fn(trainable, mb, jax.random.fold_in(step_key, i))
             acc_g, acc_s, acc_aux = carry
             acc_aux = jax.tree_util.tree_map_with_path(
-                lambda p, a, b: jnp.maximum(a, b) if _keys(p)[-1] in MAX_AUX else a + b,
+                lambda p, a, b: jnp.maximum(a, b) if path_keys(p)[-1] in MAX_AUX else a + b,
                 acc_aux,
                 aux,
             )
@@ -293,7 +293,7 @@ class Program:
             _, (sums_abs, aux_abs) = jax.eval_shape(grad_fn, trainable, first, step_key)
             aux0 = jax.tree_util.tree_map_with_path(
                 lambda p, x: jnp.full(
-                    x.shape, -jnp.inf if _keys(p)[-1] == "max_logit" else 0, x.dtype
+                    x.shape, -jnp.inf if path_keys(p)[-1] == "max_logit" else 0, x.dtype
                 ),
                 aux_abs,
             )
@@ -445,7 +445,7 @@ def _weight_flops_per_token(spec: StepSpec, abstract, predicate) -> float:
     total = 0.0
     for collection in ("params", "lora"):
         for path, leaf in jax.tree_util.tree_flatten_with_path(abstract[collection])[0]:
-            keys = _keys(path)
+            keys = path_keys(path)
             stacked = keys[0] in ("dense_layers", "moe_layers")
             if "embed_tokens" in keys or keys[-1] == "weight_scale":
                 continue

@@ -221,7 +221,7 @@ class Trainer:
         unknown = set(src.overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
         if unknown:
             raise ConfigError(
-                f"model.overrides: {sorted(unknown)} are not ModelConfig fields (k2jax/config.py)"
+                f"model.overrides: {sorted(unknown)} are not ModelConfig fields (k2jax/config/model.py)"
             )
         if src.path is not None:
             return ModelConfig.from_hf_dir(src.path, **src.overrides)
@@ -277,15 +277,15 @@ class Trainer:
         src, prog = self.config.model, self.program
         if src.path is None:
             return prog.init_base(src.seed)
-        from k2jax.api import load_model
+        from k2jax.conversion.checkpoint import read_checkpoint
 
-        loaded = load_model(
+        _, _, params = read_checkpoint(
             src.path,
             mesh=self.mesh,
             compute=self.config.compute,
             config_overrides=dict(src.overrides) or None,
         )
-        return prog.split_base(loaded.params)
+        return prog.split_base(params)
 
     def _data_config(self, path: str | None = None, **changes):
         data = self.config.data

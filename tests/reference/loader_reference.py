@@ -63,6 +63,9 @@ LINEAR = (
 )
 
 
+# K2-Thinking's quantization_config (and K2-Instruct's, fp8_config below). k2jax.testing's
+# INT4_/FP8_QUANTIZATION_CONFIG are the library's copies; this script runs in .venv-ref (torch,
+# no jax), which cannot import k2jax.
 def int4_config(group: int) -> dict:
     return {
         "quant_method": "compressed-tensors",
