@@ -198,10 +198,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from k2jax.ops.pallas_tiles import MIN_BLOCK, block_size, mask2d, masked_load, masked_store
 from k2jax.quant import Int4Weight
 
-# Triton's tl.dot wants every operand dimension ≥ 16.
-_MIN_BLOCK = 16
 # Row tiles `row_tile` chooses from (module docstring "The row tile").
 _ROW_TILES = (32, 64, 128)
 # Pallas' Triton lowering uses 64-bit element offsets only for operands of more bytes than this;
@@ -231,8 +230,8 @@ class Tiles:
     def __post_init__(self):
         for name in ("bm", "bn", "bk"):
             v = getattr(self, name)
-            if v is not None and (v < _MIN_BLOCK or v & (v - 1)):
-                raise ValueError(f"Tiles.{name}={v} must be a power of two ≥ {_MIN_BLOCK}")
+            if v is not None and (v < MIN_BLOCK or v & (v - 1)):
+                raise ValueError(f"Tiles.{name}={v} must be a power of two ≥ {MIN_BLOCK}")
 
 
 DEFAULT_TILES = Tiles()
@@ -249,11 +248,6 @@ def _compiler_params(tiles: Tiles):
     # it `TritonCompilerParams`. Interpret mode ignores it.
     cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams", None)
     return None if cls is None else cls(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-
-
-def _block(dim: int, cap: int) -> int:
-    """The power-of-two block for a dimension of size `dim`: ≥ 16 (tl.dot), ≤ cap."""
-    return max(_MIN_BLOCK, min(cap, pl.next_power_of_2(dim)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,33 +349,6 @@ def make_schedule(group_sizes: jax.Array, num_rows: int, bm: int) -> Schedule:
 # --------------------------------------------------------------------------------------------
 
 
-def _mask2d(row_ok, col_ok, shape):
-    """A full [R, C] mask from optional row/column masks (None: all in range)."""
-    if row_ok is None and col_ok is None:
-        return None
-    m = jnp.ones(shape, jnp.bool_)
-    if row_ok is not None:
-        m = m & row_ok[:, None]
-    if col_ok is not None:
-        m = m & col_ok[None, :]
-    return m
-
-
-def _load(ref_view, mask):
-    # `other=0`: masked-off elements must read as zeros (they are summed into the accumulator);
-    # without it Triton leaves them undefined.
-    if mask is None:
-        return plgpu.load(ref_view)
-    return plgpu.load(ref_view, mask=mask, other=0)
-
-
-def _store(ref_view, value, mask):
-    if mask is None:
-        plgpu.store(ref_view, value)
-    else:
-        plgpu.store(ref_view, value, mask=mask)
-
-
 @dataclasses.dataclass(frozen=True)
 class _Weight:
     """How a kernel reads one stored weight stack [G, D1, D2] (static; D2 is INT4's K axis).
@@ -419,8 +386,8 @@ def _load_weight_tile(w_refs, wt: _Weight, g, r0, nr, c0, nc, row_end, col_end, 
     row_ok = None if row_end is None else rows < row_end
     if not wt.quant_group:
         cols = c0 + jnp.arange(nc, dtype=jnp.int32)
-        mask = _mask2d(row_ok, None if col_end is None else cols < col_end, (nr, nc))
-        return _load(w_refs[0].at[g, pl.ds(r0, nr), pl.ds(c0, nc)], mask).astype(cdt)
+        mask = mask2d(row_ok, None if col_end is None else cols < col_end, (nr, nc))
+        return masked_load(w_refs[0].at[g, pl.ds(r0, nr), pl.ds(c0, nc)], mask).astype(cdt)
     assert col_end is None, "INT4 K tiles divide K"
     *values_refs, scales_ref = w_refs
     k_tile = lax.div(c0, nc)
@@ -436,16 +403,16 @@ def _load_weight_tile(w_refs, wt: _Weight, g, r0, nr, c0, nc, row_end, col_end, 
         if len(wt.windows) > 1:
             inside = jnp.broadcast_to((g >= lo) & (g < hi), (nr, 1))
             mask = inside if mask is None else mask & inside
-        q = _load(values_ref.at[local, pl.ds(r0, nr), k_tile, pl.ds(0, nc)], mask)
+        q = masked_load(values_ref.at[local, pl.ds(r0, nr), k_tile, pl.ds(0, nc)], mask)
         part = q.astype(jnp.int16) & 0xF
         codes = part if codes is None else codes | part
     # One scale per (row, quant_group columns): a [nr, nc / quant_group] tile (one column when
     # the tile lies inside one group), broadcast over its columns in registers.
     qg = wt.quant_group
     per_tile = max(1, nc // qg)
-    scales = _load(
+    scales = masked_load(
         scales_ref.at[g, pl.ds(r0, nr), pl.ds(lax.div(c0, qg), per_tile)],
-        _mask2d(row_ok, None, (nr, per_tile)),
+        mask2d(row_ok, None, (nr, per_tile)),
     )
     if per_tile == 1:
         scales = jnp.broadcast_to(scales, (nr, nc))
@@ -533,7 +500,7 @@ def _gmm_kernel(*refs, spec: _GmmSpec):
     mask_n = nb % bn != 0
     row_ok = lo + jnp.arange(bm, dtype=jnp.int32) < hi
     col_ok = j0 + jnp.arange(bn, dtype=jnp.int32) < nb if mask_n else None
-    store_mask = _mask2d(row_ok, col_ok, (bm, bn))
+    store_mask = mask2d(row_ok, col_ok, (bm, bn))
     out_view = out_ref.at[pl.ds(lo, bm), pl.ds(n0, bn)]
     n_end = blk * nb + nb if mask_n else None  # the block's end, for the weight tile's mask
     mask_k = spec.contract % bk != 0
@@ -547,7 +514,7 @@ def _gmm_kernel(*refs, spec: _GmmSpec):
             ):
                 if term_block != block:
                     continue
-                t = _load(t_ref.at[pl.ds(lo, bm), pl.ds(0, r)], _mask2d(row_ok, None, (bm, r)))
+                t = masked_load(t_ref.at[pl.ds(lo, bm), pl.ds(0, r)], mask2d(row_ok, None, (bm, r)))
                 t = t.astype(spec.cdt)
                 e_end = nb if mask_n else None  # E holds this block's columns only
                 if spec.transpose_w:  # E [G, r, nb]
@@ -566,7 +533,7 @@ def _gmm_kernel(*refs, spec: _GmmSpec):
             c0 = i * bk
             k_ok = c0 + jnp.arange(bk, dtype=jnp.int32) < spec.contract if mask_k else None
             x_view = lhs_ref.at[pl.ds(lo, bm), pl.ds(spec.lhs_col0 + c0, bk)]
-            x = _load(x_view, _mask2d(row_ok, k_ok, (bm, bk))).astype(spec.cdt)
+            x = masked_load(x_view, mask2d(row_ok, k_ok, (bm, bk))).astype(spec.cdt)
             k_end = spec.contract if mask_k else None
             if spec.transpose_w:  # w [G, C, N]: tile [bk, bn]
                 w = _load_weight_tile(
@@ -585,11 +552,11 @@ def _gmm_kernel(*refs, spec: _GmmSpec):
             acc = lax.switch(blk, [epilogue(b) for b in range(spec.col_blocks)], acc)
         if spec.alpha != 1.0:
             acc = acc * spec.alpha
-        _store(out_view, acc.astype(out_ref.dtype), store_mask)
+        masked_store(out_view, acc.astype(out_ref.dtype), store_mask)
 
     @pl.when(g == G)
     def _zero_padding_rows():
-        _store(out_view, jnp.zeros((bm, bn), out_ref.dtype), store_mask)
+        masked_store(out_view, jnp.zeros((bm, bn), out_ref.dtype), store_mask)
 
 
 def _weight_operands(w, k_tile: int, slack_rows: int):
@@ -617,11 +584,11 @@ def _weight_operands(w, k_tile: int, slack_rows: int):
 
 def _dividing_block(dim: int, cap: int) -> int:
     """The largest power-of-two block ≤ cap that divides dim (INT4 K tiles), at least 16."""
-    b = _block(dim, cap)
+    b = block_size(dim, cap)
     while dim % b:
         b //= 2
-    if b < _MIN_BLOCK:
-        raise ValueError(f"INT4 in_features {dim} must be a multiple of {_MIN_BLOCK}")
+    if b < MIN_BLOCK:
+        raise ValueError(f"INT4 in_features {dim} must be a multiple of {MIN_BLOCK}")
     return b
 
 
@@ -660,7 +627,7 @@ def _gmm(
         raise ValueError(f"{name}: {N} columns in {col_blocks} blocks, lhs {lhs.shape}, C={C}")
     nb = N // col_blocks
     cdt = jnp.dtype(lhs.dtype)
-    bn, bk = _block(nb, tiles.bn), _block(C, tiles.bk)
+    bn, bk = block_size(nb, tiles.bn), block_size(C, tiles.bk)
     if isinstance(w, Int4Weight):  # the tile along K (stored last) must divide K
         qg = w.group_size
         if qg & (qg - 1):
@@ -673,10 +640,10 @@ def _gmm(
     for t, e, block in epilogue:
         r = t.shape[1]
         e_shape = (G, r, nb) if transpose_w else (G, nb, r)
-        if r < _MIN_BLOCK or r & (r - 1) or e.shape != e_shape or not 0 <= block < col_blocks:
+        if r < MIN_BLOCK or r & (r - 1) or e.shape != e_shape or not 0 <= block < col_blocks:
             raise ValueError(
                 f"{name}: epilogue t {t.shape}, e {e.shape} for block {block}: want a rank that "
-                f"is a power of two ≥ {_MIN_BLOCK} and e {e_shape}"
+                f"is a power of two ≥ {MIN_BLOCK} and e {e_shape}"
             )
     spec = _GmmSpec(
         contract=C,
@@ -754,17 +721,17 @@ def _tgmm_kernel(group_start_ref, group_size_ref, a_ref, b_ref, out_ref, *, spec
         r0 = start + i * bm
         row_ok = r0 + jnp.arange(bm, dtype=jnp.int32) < end
         a_view = a_ref.at[pl.ds(r0, bm), pl.ds(spec.a_col0 + p0, bp)]
-        a = _load(a_view, _mask2d(row_ok, p_ok, (bm, bp)))
-        b = _load(b_ref.at[pl.ds(r0, bm), pl.ds(q0, bq)], _mask2d(row_ok, q_ok, (bm, bq)))
+        a = masked_load(a_view, mask2d(row_ok, p_ok, (bm, bp)))
+        b = masked_load(b_ref.at[pl.ds(r0, bm), pl.ds(q0, bq)], mask2d(row_ok, q_ok, (bm, bq)))
         return acc + _dot(a.astype(spec.cdt), b.astype(spec.cdt), 0, 0, spec.precision)
 
     # An empty group runs no step and stores zeros: every element of the output is written.
     steps = lax.div(end - start + bm - 1, bm)
     acc = lax.fori_loop(0, steps, step, jnp.zeros((bp, bq), jnp.float32))
-    _store(
+    masked_store(
         out_ref.at[g, pl.ds(p0, bp), pl.ds(q0, bq)],
         acc.astype(out_ref.dtype),
-        _mask2d(p_ok, q_ok, (bp, bq)),
+        mask2d(p_ok, q_ok, (bp, bq)),
     )
 
 
@@ -794,8 +761,8 @@ def _tgmm(
         p=P,
         q=Q,
         a_col0=a_col0,
-        bp=_block(P, tiles.bn),
-        bq=_block(Q, tiles.bn),
+        bp=block_size(P, tiles.bn),
+        bq=block_size(Q, tiles.bn),
         bm=tiles.bk,
         cdt=cdt,
         precision=_precision(cdt),
@@ -915,7 +882,7 @@ def _pad_rank(a, b):
     """Zero-pads the LoRA rank to a power of two ≥ 16 (tl.dot's minimum; the kernels then need
     no rank masks). A no-op for the usual r = 16, 32, 64; autodiff slices the gradients back."""
     r = a.shape[1]
-    rp = max(_MIN_BLOCK, pl.next_power_of_2(r))
+    rp = max(MIN_BLOCK, pl.next_power_of_2(r))
     if rp == r:
         return a, b
     return jnp.pad(a, ((0, 0), (0, rp - r), (0, 0))), jnp.pad(b, ((0, 0), (0, 0), (0, rp - r)))

@@ -84,8 +84,8 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import NamedSharding, PartitionSpec
 
-# Triton's tl.dot wants every operand dimension ≥ 16.
-_MIN_BLOCK = 16
+from k2jax.ops.pallas_tiles import MIN_BLOCK, block_size, mask2d, masked_load
+
 # Operands of ≤ 2³² bytes get i32 element offsets (gmm_pallas.py, "32-bit offsets").
 _OFFSETS_I64_ABOVE = 2**32
 _OFFSETS_I32_LIMIT = 2**31
@@ -112,8 +112,8 @@ class Tiles:
     def __post_init__(self):
         for name in ("bq", "bk"):
             v = getattr(self, name)
-            if v < _MIN_BLOCK or v & (v - 1):
-                raise ValueError(f"Tiles.{name}={v} must be a power of two ≥ {_MIN_BLOCK}")
+            if v < MIN_BLOCK or v & (v - 1):
+                raise ValueError(f"Tiles.{name}={v} must be a power of two ≥ {MIN_BLOCK}")
 
 
 DEFAULT_TILES = Tiles()
@@ -134,30 +134,6 @@ class _Spec:
     precision: lax.Precision | None
 
 
-def _block(dim: int, cap: int) -> int:
-    """The power-of-two block for a dimension of size `dim`: ≥ 16 (tl.dot), ≤ cap."""
-    return max(_MIN_BLOCK, min(cap, pl.next_power_of_2(dim)))
-
-
-def _load(ref_view, mask, other):
-    # `other`: masked-off elements of a tile read as this (zeros for the MMA operands).
-    if mask is None:
-        return plgpu.load(ref_view)
-    return plgpu.load(ref_view, mask=mask, other=other)
-
-
-def _mask2d(row_ok, col_ok, shape):
-    """A full [R, C] mask from optional row/column masks (None: all in range)."""
-    if row_ok is None and col_ok is None:
-        return None
-    m = jnp.ones(shape, jnp.bool_)
-    if row_ok is not None:
-        m = m & row_ok[:, None]
-    if col_ok is not None:
-        m = m & col_ok[None, :]
-    return m
-
-
 def _dot_nt(a, b, precision):
     """a [m, k] · b [n, k]ᵀ with a float32 accumulator."""
     return lax.dot_general(
@@ -173,11 +149,11 @@ def _kernel(qn_ref, qr_ref, kn_ref, kr_ref, qseg_ref, kseg_ref, qidx_ref, out_re
     t0 = i * bq
     rows = pl.ds(t0, bq)
     row_ok = t0 + jnp.arange(bq, dtype=jnp.int32) < spec.t if spec.t % bq else None
-    qn = _load(qn_ref.at[b, rows, h, :], _mask2d(row_ok, None, (bq, spec.dn)), 0)
-    qr = _load(qr_ref.at[b, rows, h, :], _mask2d(row_ok, None, (bq, spec.dr)), 0)
+    qn = masked_load(qn_ref.at[b, rows, h, :], mask2d(row_ok, None, (bq, spec.dn)), 0)
+    qr = masked_load(qr_ref.at[b, rows, h, :], mask2d(row_ok, None, (bq, spec.dr)), 0)
     qn, qr = qn.astype(spec.cdt), qr.astype(spec.cdt)
-    q_seg = _load(qseg_ref.at[b, rows], row_ok, 0)
-    q_idx = _load(qidx_ref.at[b, rows], row_ok, -1)  # rows past T see no key
+    q_seg = masked_load(qseg_ref.at[b, rows], row_ok, 0)
+    q_idx = masked_load(qidx_ref.at[b, rows], row_ok, -1)  # rows past T see no key
 
     # Only key blocks up to the block's last visible position are loaded (causal skip).
     last = jnp.maximum(jnp.max(q_idx), -1)
@@ -188,9 +164,9 @@ def _kernel(qn_ref, qr_ref, kn_ref, kr_ref, qseg_ref, kseg_ref, qidx_ref, out_re
         keys = pl.ds(s0, bk)
         cols = s0 + jnp.arange(bk, dtype=jnp.int32)
         col_ok = cols < spec.s if spec.s % bk else None
-        kn = _load(kn_ref.at[b, keys, h, :], _mask2d(col_ok, None, (bk, spec.dn)), 0)
-        kr = _load(kr_ref.at[b, keys, :], _mask2d(col_ok, None, (bk, spec.dr)), 0)
-        k_seg = _load(kseg_ref.at[b, keys], col_ok, 0)
+        kn = masked_load(kn_ref.at[b, keys, h, :], mask2d(col_ok, None, (bk, spec.dn)), 0)
+        kr = masked_load(kr_ref.at[b, keys, :], mask2d(col_ok, None, (bk, spec.dr)), 0)
+        k_seg = masked_load(kseg_ref.at[b, keys], col_ok, 0)
         logits = _dot_nt(qn, kn.astype(spec.cdt), spec.precision)
         logits = logits + _dot_nt(qr, kr.astype(spec.cdt), spec.precision)
         logits = logits * spec.scale
@@ -217,7 +193,7 @@ def _compiler_params(tiles: Tiles):
 
 def _pad_last(*xs):
     d = xs[0].shape[-1]
-    pad = max(_MIN_BLOCK, pl.next_power_of_2(d)) - d
+    pad = max(MIN_BLOCK, pl.next_power_of_2(d)) - d
     if not pad:
         return xs
     return tuple(jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]) for x in xs)
@@ -261,8 +237,8 @@ def max_logit_per_row(
         s=S,
         dn=Dn,
         dr=Dr,
-        bq=_block(T, tiles.bq),
-        bk=_block(S, tiles.bk),
+        bq=block_size(T, tiles.bq),
+        bk=block_size(S, tiles.bk),
         scale=float(scale),
         cdt=cdt,
         precision=_precision(cdt),
