@@ -21,6 +21,7 @@ _EXPORTS = {
     "mesh_axes": "rules",
     "param_shardings": "rules",
     "spec_for": "rules",
+    "token_axes": "rules",
     "use_mesh": "rules",
 }
 

@@ -14,8 +14,17 @@ on the (data, expert, tensor) mesh. Changing a parallelism strategy touches only
                                             expert-parallel group of the MoE's all-to-all
     moe_tokens         (data, expert,       tokens inside the MoE: each device routes its own
                         tensor)             share (k2jax/model/expert_parallel.py)
+    ctx_rows           data                 context parallelism (k2jax/model/context_parallel.py):
+    ctx_seq            expert               one row's tokens split along the sequence instead of
+    ctx_seq_all        (data, expert)       rows over `expert` (compute.context_parallel "expert"),
+                                            or over both token axes ("all"; rows then replicated)
     embed, q_lora, kv_lora, kv_a, expert_mlp, *_groups, router_experts, lora_rank, layers,
     qk_clip_part, qk_clip_heads (MuonClip's per-head factors, tiny)                           —
+
+Outside the MoE the tokens [batch, seq] are split over (data, expert) either by row ("batch",
+"seq") or, with context parallelism, along the sequence ("ctx_rows", "ctx_seq" or None,
+"ctx_seq_all"); `token_axes` names the pair for a mode. Both flatten to the same device order,
+so the MoE receives the same tokens per device either way.
 
 Inside the MoE the tokens are split over all three axes ("moe_tokens") and exchanged over the
 experts' axes (k2jax/model/expert_parallel.py reads both from here with `mesh_axes`). Optimizer
@@ -46,6 +55,9 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "expert")),
     ("seq", None),
     ("act_embed", None),
+    ("ctx_rows", "data"),
+    ("ctx_seq", "expert"),
+    ("ctx_seq_all", ("data", "expert")),
     ("vocab", "tensor"),
     ("embed", None),
     ("heads", "tensor"),
@@ -99,6 +111,20 @@ def mesh_axes(name: str) -> tuple[str, ...]:
         raise ShardingRuleError(f"logical axis {name!r} has no rule in k2jax.sharding.rules.RULES")
     axes = _RULE_MAP[name]
     return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+# compute.context_parallel → the logical names of the [batch, seq] token axes outside the MoE.
+TOKEN_AXES = {
+    "none": ("batch", "seq"),
+    "expert": ("ctx_rows", "ctx_seq"),
+    "all": (None, "ctx_seq_all"),
+}
+
+
+def token_axes(context_parallel: str) -> tuple[str | None, str | None]:
+    """(rows, sequence) logical names of the token axes for a context-parallel mode ("auto", not
+    yet resolved against a batch, lays tokens out as "none")."""
+    return TOKEN_AXES["none" if context_parallel == "auto" else context_parallel]
 
 
 def logical_specs(boxed_tree):

@@ -52,6 +52,24 @@ def test_full_kimi_k2_thinking_fits_8xh200(capsys):
     assert r["overflow_round_bytes"] == r["all_to_all_bytes_per_exchange"]
 
 
+def test_one_64k_row_of_kimi_k2_thinking_fits_8xh200(capsys):
+    """Issue 16's acceptance: one row of 65,536 tokens per step, split over the node by context
+    parallelism (chosen automatically: one row cannot go one per device), fits 141 GB and the
+    figures add up."""
+    r = _plan(
+        capsys,
+        *("--config", str(CONFIG_DIR / "kimi_k2_thinking.gin")),
+        *("--mesh", "data=1,expert=8,tensor=1", "--batch", "1", "--seq", "65536"),
+        *("--device-memory-gb", "141"),
+    )
+    assert r["fits"] is True and (r["context_parallel"], r["context_degree"]) == ("expert", 8)
+    parts = ("int4_weights", "bf16_weights", "lora", "optimizer", "other_state", "temporaries")
+    assert sum(r[k] for k in parts) == r["per_device_bytes"]
+    assert r["per_device_bytes"] <= r["device_memory_bytes"] - r["reserve_bytes"]
+    # the MoE still sees 65,536 / 8 tokens per device, K = 8 experts each
+    assert r["useful_bytes_per_exchange"] == 65536 // 8 * 8 * 7168 * 2
+
+
 def test_plan_finds_packaged_config_names(capsys):
     """--config takes a packaged config's name, as `k2jax train` does."""
     r = _plan(capsys, "--config", "tiny.gin", "--mesh", "data=1,expert=2,tensor=1", "--seq", "64")

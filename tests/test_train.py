@@ -456,8 +456,17 @@ def test_run_config_round_trip_and_errors(tmp_path):
         run_config(tmp_path, "model.path=/somewhere")
     with pytest.raises(ConfigError, match="data.batch_size .* divisible by train.grad_accum"):
         Trainer(run_config(tmp_path, "train.grad_accum=3")).setup()
-    with pytest.raises(ConfigError, match="divisible by mesh.data × mesh.expert = 8"):
-        Trainer(run_config(tmp_path, "mesh.expert=8", "data.batch_size=4")).setup()
+    with pytest.raises(ConfigError, match="'none': a microbatch of 4 rows .* data × expert = 8"):
+        Trainer(
+            run_config(
+                tmp_path, "mesh.expert=8", "data.batch_size=4", "compute.context_parallel='none'"
+            )
+        ).setup()
+    # the default ("auto") splits each of the 4 rows over 2 × 4 = 8 chunks of the sequence
+    with pytest.raises(ConfigError, match="data.seq_len 60: context parallelism over 8 devices"):
+        Trainer(
+            run_config(tmp_path, "mesh.expert=8", "data.batch_size=4", "data.seq_len=60")
+        ).setup()
 
 
 def test_lora_sft_recipe_and_full_size_flops():

@@ -51,6 +51,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from k2jax.config import ModelConfig
 from k2jax.lora import LoraConfig
+from k2jax.model.context_parallel import degree, gathered_attention
 from k2jax.model.layers import Linear, RMSNorm, module_path
 from k2jax.model.options import ComputeConfig, accum_dtype
 from k2jax.model.rope import apply_rope, rope_cos_sin, rope_parameters
@@ -84,6 +85,14 @@ class MLA(nn.Module):
                 out.reshape(B, T, H * Dv)
             )
             return out, max_logit_H
+        if degree(self.compute.context_parallel) > 1 and not self.is_initializing():
+            out, max_logit_H = self._context_parallel_attention(
+                q_nope, q_rope, c_kv, k_rope, positions_BT, segment_ids_BT
+            )
+            out = Linear(c.hidden_size, ("embed", "heads"), name="o_proj", **kw)(
+                out.reshape(B, T, H * Dv)
+            )
+            return checkpoint_name(out, "attn_out"), max_logit_H
         kv = Linear(H * (Dn + Dv), ("heads", "kv_lora"), name="kv_b_proj", **kw)(c_kv)
         kv = kv.reshape(B, T, H, Dn + Dv)
         k_nope, v = kv[..., :Dn], kv[..., Dn:]
@@ -122,6 +131,49 @@ class MLA(nn.Module):
             out.reshape(B, T, H * Dv)
         )
         return checkpoint_name(out, "attn_out"), max_logit_H
+
+    def _context_parallel_attention(self, q_nope, q_rope, c_kv, k_rope, positions_BT, seg_BT):
+        """The training path with the row split along the sequence (k2jax/model/
+        context_parallel.py): the same arithmetic as above, with kv_b_proj applied inside the
+        gathered region. Returns ([B, T, H, Dv] in layout order, max logit [H])."""
+        c = self.cfg
+        dtype = q_nope.dtype
+        s_kn = None
+        if self.has_variable("qk_clip", "scales"):
+            s_qn, s_qr, s_kn = self.get_variable("qk_clip", "scales")
+            q_nope = q_nope * s_qn[:, None].astype(dtype)
+            q_rope = q_rope * s_qr[:, None].astype(dtype)
+        inv_freq, attention_factor = rope_parameters(c)
+        cos, sin = rope_cos_sin(positions_BT, inv_freq, attention_factor, q_rope.dtype)
+        q_rope = apply_rope(q_rope, cos, sin)
+        k_rope = apply_rope(k_rope, cos, sin)
+
+        w = self.variables["params"]["kv_b_proj"]["weight"]
+        lora, scale = None, 1.0
+        factors = self.variables.get("lora", {}).get("kv_b_proj")
+        if self.lora is not None and factors is not None:
+            x = None  # the adapter's input is the latent itself: gathered once
+            if self.lora.dropout > 0 and self.has_rng("dropout"):
+                # one mask per token, drawn where the token lives, as in layers.Linear
+                x = nn.Dropout(self.lora.dropout, deterministic=False, name="kv_b_dropout")(
+                    c_kv.astype(dtype)
+                )
+            lora, scale = (factors["lora_A"], factors["lora_B"], x), self.lora.scale
+        return gathered_attention(
+            q_nope,
+            q_rope,
+            c_kv,
+            k_rope,
+            seg_BT,
+            w,
+            lora,
+            s_kn,
+            mode=self.compute.context_parallel,
+            scale=c.softmax_scale,
+            impl=self.compute.attention_impl,
+            dtype=dtype,
+            lora_scale=scale,
+        )
 
     def _cached_attention(self, q_nope, q_rope, c_kv_BTC, k_rope_BTR, positions_BT):
         """Writes this step's latent and rotary key into the cache at `positions_BT` and attends

@@ -17,6 +17,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from k2jax.config import ModelConfig
 from k2jax.lora import LoraConfig
+from k2jax.model.context_parallel import flatten_tokens, unflatten_tokens
 from k2jax.model.expert_parallel import mesh_is_parallel, moe_expert_parallel
 from k2jax.model.experts import ExpertWeights, PairDropout, route, routed_experts
 from k2jax.model.layers import BASE_INIT, MLP, lora_a_init, lora_variable, module_path
@@ -160,10 +161,12 @@ class MoE(nn.Module):
         float32, "exchange_rounds": all-to-all rounds the expert-parallel exchange needed, 1
         without overflow, 0 on one device})."""
         c = self.cfg
-        B, T, D = x_BTD.shape
+        B, T = x_BTD.shape[:2]
         E = c.n_routed_experts
         gate, bias = Router(c, self.compute, name="gate")()
-        x_ND = x_BTD.reshape(B * T, D).astype(self.compute.jnp_dtype)
+        # each device's tokens as one contiguous block (context_parallel.flatten_tokens)
+        mode = self.compute.context_parallel
+        x_ND = flatten_tokens(x_BTD, mode).astype(self.compute.jnp_dtype)
         experts = Experts(c, self.compute, self.lora, name="experts")()
         dropout = None
         if self.lora is not None and self.lora.dropout > 0 and self.has_rng("dropout"):
@@ -188,7 +191,7 @@ class MoE(nn.Module):
             y = routed_experts(x_ND, idx, weights, experts, impl=impl, dropout=dropout)
             load_E = jnp.zeros((E,), jnp.float32).at[idx.reshape(-1)].add(1.0)
             rounds = jnp.zeros((), jnp.int32)  # no exchange
-        y = y.reshape(B, T, D)
+        y = unflatten_tokens(y, B, T, mode)
         if c.n_shared_experts:
             y = y + MLP(c.shared_intermediate_size, self.compute, self.lora, name="shared_experts")(
                 x_BTD

@@ -32,6 +32,14 @@ def accum_dtype(dtype):
 #              dims_saveable: not the expert GEMMs, which are not dot_general)
 #   layer_io   save only the named layer-boundary activations (attention output, MoE output)
 REMAT_POLICIES = ("none", "full", "selective", "dots", "layer_io")
+# How one row's tokens are laid out outside the MoE (k2jax/model/context_parallel.py):
+#   none    rows split over data × expert, each row on one device (batch a multiple of both)
+#   expert  each row split along the sequence over `expert`, rows over `data`
+#   all     each row split along the sequence over data × expert (any number of rows)
+#   auto    "none" when the rows of a microbatch split over data × expert, else "expert" when they
+#           split over data, else "all" (resolved by the trainer and the planner, who know the
+#           batch; model code without a resolved mode lays tokens out as "none")
+CONTEXT_PARALLEL = ("auto", "none", "expert", "all")
 SELECTIVE_NAMES = ("proj_out", "lora_t", "expert_h", "expert_out", "attn_out", "mlp_out")
 
 
@@ -53,6 +61,7 @@ class ComputeConfig:
     moe_chunk_tokens: int = 0
     moe_capacity_factor: float = 1.25
     moe_overlap_chunks: int = 2
+    context_parallel: str = "auto"
 
     def __post_init__(self):
         check_field_types(self, "compute")
@@ -72,6 +81,11 @@ class ComputeConfig:
         if not self.moe_capacity_factor > 0:
             raise ConfigError(
                 f"compute.moe_capacity_factor must be > 0, got {self.moe_capacity_factor}"
+            )
+        if self.context_parallel not in CONTEXT_PARALLEL:
+            raise ConfigError(
+                f"compute.context_parallel must be one of {CONTEXT_PARALLEL}, "
+                f"got {self.context_parallel!r}"
             )
         if self.moe_overlap_chunks < 1:
             raise ConfigError(

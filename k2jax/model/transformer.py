@@ -27,15 +27,20 @@ import jax.numpy as jnp
 
 from k2jax.config import ModelConfig
 from k2jax.lora import LoraConfig
+from k2jax.model import context_parallel as cp
 from k2jax.model.layers import MLP, Embed, RMSNorm
 from k2jax.model.loss import chunked_cross_entropy
 from k2jax.model.mla import MLA
 from k2jax.model.moe import MoE
 from k2jax.model.options import ComputeConfig
 from k2jax.ops.einsum import einsum_acc
-from k2jax.sharding.rules import constrain
+from k2jax.sharding.rules import constrain, token_axes
 
-LAYER_ACTIVATION = ("batch", "seq", "act_embed")
+
+def layer_activation(compute: ComputeConfig) -> tuple:
+    """Logical names of the [B, T, D] activations between layers (rows and sequence as the
+    context-parallel mode lays them out, k2jax/model/context_parallel.py)."""
+    return (*token_axes(compute.context_parallel), "act_embed")
 
 
 class DecoderLayer(nn.Module):
@@ -47,7 +52,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, positions_BT, segment_ids_BT):
         c = self.cfg
-        x_BTD = constrain(x_BTD, LAYER_ACTIVATION)
+        x_BTD = constrain(x_BTD, layer_activation(self.compute))
         h = RMSNorm(c.rms_norm_eps, self.compute, name="input_layernorm")(x_BTD)
         attn, max_logit_H = MLA(c, self.compute, self.lora, name="self_attn")(
             h, positions_BT, segment_ids_BT
@@ -60,7 +65,7 @@ class DecoderLayer(nn.Module):
             aux.update(moe_aux)
         else:
             y = MLP(c.intermediate_size, self.compute, self.lora, name="mlp")(h)
-        x_BTD = constrain(x_BTD + y, LAYER_ACTIVATION)
+        x_BTD = constrain(x_BTD + y, layer_activation(self.compute))
         return x_BTD, aux
 
 
@@ -128,18 +133,30 @@ class Transformer(nn.Module):
         self.lm_head = LMHead(c.vocab_size, c.hidden_size, self.compute)
 
     def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+        h, aux, n = self._hidden(tokens_BT, positions_BT, segment_ids_BT)
+        return cp.from_layout(h, n), aux
+
+    def _hidden(self, tokens_BT, positions_BT, segment_ids_BT, *, decoding=False):
+        """(final-normed hidden [B, T, D] in the context-parallel layout, aux, degree n): with
+        n > 1 the rows are in zig-zag order (k2jax/model/context_parallel.py), else natural."""
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         if segment_ids_BT is None:
             segment_ids_BT = jnp.ones((B, T), jnp.int32)
+        n = 1
+        if not (decoding or self.is_initializing()):
+            n = cp.degree(self.compute.context_parallel)
+        tokens_BT, positions_BT, segment_ids_BT = (
+            cp.to_layout(x, n) for x in (tokens_BT, positions_BT, segment_ids_BT)
+        )
         x = self.embed_tokens(tokens_BT)
         aux = {}
         if self.cfg.num_dense_layers:
             x, aux["dense"] = self.dense_layers(x, positions_BT, segment_ids_BT)
         if self.cfg.num_moe_layers:
             x, aux["moe"] = self.moe_layers(x, positions_BT, segment_ids_BT)
-        return self.norm(x), aux
+        return self.norm(x), aux, n
 
     def head_weight(self) -> jax.Array:
         return self.lm_head.weight
@@ -156,7 +173,7 @@ class Transformer(nn.Module):
         ≤ positions[b, t]. Returns float32 logits [B, T, V], or [B, V] at index last_B[b] of
         each row when `last_B` is given (a prefill needs only each prompt's last logits).
         """
-        h, _ = self(tokens_BT, positions_BT, None)
+        h, _, _ = self._hidden(tokens_BT, positions_BT, None, decoding=True)
         if last_B is not None:
             h = h[jnp.arange(h.shape[0]), last_B]
         w = self.head_weight()
@@ -172,13 +189,14 @@ class Transformer(nn.Module):
         *,
         z_weight=0.0,
     ):
-        h, aux = self(tokens_BT, positions_BT, segment_ids_BT)
-        B, T, D = h.shape
+        h, aux, n = self._hidden(tokens_BT, positions_BT, segment_ids_BT)
+        mode = self.compute.context_parallel
+        flat = lambda x: cp.flatten_tokens(cp.to_layout(x, n), mode)  # noqa: E731
         sums = chunked_cross_entropy(
-            h.reshape(B * T, D),
+            cp.flatten_tokens(h, mode),
             self.head_weight(),
-            targets_BT.reshape(-1),
-            loss_mask_BT.reshape(-1),
+            flat(targets_BT),
+            flat(loss_mask_BT),
             chunk=self.compute.loss_chunk_tokens,
             z_weight=z_weight,
         )

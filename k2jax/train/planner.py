@@ -71,6 +71,10 @@ class PlanResult:
     all_to_all_bytes_per_exchange: int = 0
     useful_bytes_per_exchange: int = 0
     overflow_round_bytes: int = 0
+    # how each row's tokens are laid out (k2jax/model/context_parallel.py) and over how many
+    # devices one row's sequence is split
+    context_parallel: str = "none"
+    context_degree: int = 1
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -95,6 +99,11 @@ class PlanResult:
             f"mesh {mesh}  seq {self.seq}  batch {self.batch}  "
             f"moe_chunk_tokens {self.moe_chunk_tokens or 'all'}  remat {self.remat}"
         ]
+        if self.context_degree > 1:
+            lines.append(
+                f"  context parallel {self.context_parallel!r}: each row's sequence split over "
+                f"{self.context_degree} devices ({self.seq // self.context_degree:,} tokens each)"
+            )
         lines += [f"  {name:<32}{b / GIB:10.2f} GiB" for name, b in rows]
         if self.useful_bytes_per_exchange:
             ratio = self.all_to_all_bytes_per_exchange / self.useful_bytes_per_exchange
@@ -145,6 +154,7 @@ def plan(
     """
     from k2jax.lora import LoraConfig
     from k2jax.model import ComputeConfig
+    from k2jax.model.context_parallel import resolve as resolve_context
     from k2jax.optim import OptimConfig, ScheduleConfig
     from k2jax.sharding.mesh import check_mesh_fits, make_mesh
     from k2jax.sharding.rules import use_mesh
@@ -158,15 +168,14 @@ def plan(
         )
     mesh = make_mesh(**mesh_sizes, devices=jax.devices()[:n_dev])
     check_mesh_fits(mesh, model_cfg)
-    rows = mesh_sizes["data"] * mesh_sizes["expert"]
-    batch = batch or rows
-    if batch % grad_accum or (batch // grad_accum) % rows:
-        raise ValueError(
-            f"a microbatch of batch {batch} / grad_accum {grad_accum} rows must be divisible by "
-            f"data × expert = {rows}"
-        )
+    batch = batch or mesh_sizes["data"] * mesh_sizes["expert"]
+    if batch % grad_accum:
+        raise ValueError(f"batch {batch} must be divisible by grad_accum {grad_accum}")
     compute = compute or ComputeConfig(dtype="bfloat16", param_dtype="bfloat16", experts="int4")
-    compute = dataclasses.replace(compute, gmm_impl="plan", attention_impl="plan")
+    mode = resolve_context(compute.context_parallel, batch // grad_accum, mesh_sizes)
+    compute = dataclasses.replace(
+        compute, gmm_impl="plan", attention_impl="plan", context_parallel=mode
+    )
     spec = StepSpec(
         model=model_cfg,
         compute=compute,
@@ -252,6 +261,10 @@ def plan(
         all_to_all_bytes_per_exchange=a2a["per_exchange"],
         useful_bytes_per_exchange=useful,
         overflow_round_bytes=a2a["overflow_round"],
+        context_parallel=mode,
+        context_degree={"none": 1, "expert": mesh_sizes["expert"]}.get(
+            mode, mesh_sizes["data"] * mesh_sizes["expert"]
+        ),
     )
 
 
@@ -301,6 +314,17 @@ def _memory_chunks(model_cfg, compute, mesh_sizes, micro: int, seq: int) -> int:
     n = micro * seq // math.prod(mesh_sizes.values())
     c = compute.moe_chunk_tokens
     return n // c if 0 < c < n else 1
+
+
+def _seq_step(compute, mesh_sizes, batch: int | None, grad_accum: int = 1) -> int:
+    """The granularity of `--max-seq`: a multiple of 1024 that gives every device a whole number
+    of MoE memory chunks (few rows split over many devices need longer steps)."""
+    n_dev = math.prod(mesh_sizes.values())
+    micro = (batch or mesh_sizes["data"] * mesh_sizes["expert"]) // grad_accum
+    step = 1024
+    while compute.moe_chunk_tokens and (micro * step) % (n_dev * compute.moe_chunk_tokens):
+        step *= 2
+    return step
 
 
 def largest_fitting_seq(model_cfg, *, step: int = 1024, max_seq: int | None = None, **kw):
@@ -419,7 +443,9 @@ def plan_config(
         c = dataclasses.replace(compute, remat=policy)
         result = None
         if max_seq:
-            _, result = largest_fitting_seq(model, step=1024, compute=c, **kw)
+            _, result = largest_fitting_seq(
+                model, step=_seq_step(c, mesh_sizes, batch, grad_accum), compute=c, **kw
+            )
         results[policy] = result or plan(model, seq=1024 if max_seq else seq, compute=c, **kw)
     return results
 

@@ -20,8 +20,10 @@ weights stay float32 masters (the model casts them per matmul). Rematerialisatio
 
 Shardings. Everything comes from the logical-axis rules (k2jax.sharding): frozen parameters and
 LoRA factors from their declared axis names, optimizer-state leaves from the LoRA leaf they belong
-to (`state.opt_state_shardings`), the batch [M, b, T] as (None, batch, seq) — rows over
-data × expert — and scalars replicated. Steps are jitted with these as explicit in/out shardings
+to (`state.opt_state_shardings`), the batch [M, b, T] as (None, rows, sequence) — rows over
+data × expert, or with context parallelism (`compute.context_parallel`, resolved against the
+batch by `StepSpec.from_run_config`) each row's sequence over expert or data × expert — and
+scalars replicated. Steps are jitted with these as explicit in/out shardings
 and the state is donated, so the step is in-place and the layout never drifts.
 
 Programs are cached per (StepSpec, mesh): a notebook that makes a second Trainer, or a test that
@@ -60,6 +62,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from k2jax.config import ModelConfig
 from k2jax.lora import LoraConfig
 from k2jax.model import ComputeConfig, Transformer
+from k2jax.model.context_parallel import resolve as resolve_context
 from k2jax.model.transformer import init_variables
 from k2jax.optim import (
     OptimConfig,
@@ -72,7 +75,7 @@ from k2jax.optim import (
     unset_thresholds,
     update_qk_clip,
 )
-from k2jax.sharding import logical_specs, spec_for, use_mesh
+from k2jax.sharding import logical_specs, spec_for, token_axes, use_mesh
 from k2jax.train.state import (
     merge_params,
     opt_state_shardings,
@@ -105,9 +108,13 @@ class StepSpec:
     def from_run_config(cls, run, model: ModelConfig) -> StepSpec:
         """The spec of a RunConfig (k2jax.train.config) for the architecture `model`."""
         t = run.train
+        mesh = {"data": run.mesh.data, "expert": run.mesh.expert}
+        mode = resolve_context(
+            run.compute.context_parallel, run.data.batch_size // t.grad_accum, mesh
+        )
         return cls(
             model=model,
-            compute=run.compute,
+            compute=dataclasses.replace(run.compute, context_parallel=mode),
             lora=run.lora,
             optim=run.optim,
             schedule=run.schedule,
@@ -179,7 +186,7 @@ class Program:
             "rng": rep,
             "nonfinite": {"streak": rep, "total": rep},
         }
-        self.batch_sharding = ns(spec_for((None, "batch", "seq")))
+        self.batch_sharding = ns(spec_for((None, *token_axes(spec.compute.context_parallel))))
         batch_sh = dict.fromkeys(BATCH_KEYS, self.batch_sharding)
         self._init_state = jax.jit(self._init_state_fn, out_shardings=self.state_shardings)
         self._init_base = jax.jit(

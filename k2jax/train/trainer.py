@@ -43,6 +43,7 @@ import jax
 import numpy as np
 
 from k2jax.config import ConfigError, ModelConfig, load_model_config
+from k2jax.model.context_parallel import resolve as resolve_context
 from k2jax.sharding.mesh import MeshError
 from k2jax.train.checkpoint import Checkpointer
 from k2jax.train.config import RunConfig
@@ -228,7 +229,8 @@ class Trainer:
         return dataclasses.replace(load_model_config(src.preset), **src.overrides)
 
     def _check_batch_layout(self) -> None:
-        """The batch must split over the mesh: rows over data × expert, tokens over all devices."""
+        """The batch must split over the mesh: rows over data × expert (or each row's sequence, with
+        context parallelism), tokens over all devices."""
         cfg, mesh = self.config, self.mesh
         rows, accum = cfg.data.batch_size, cfg.train.grad_accum
         if rows % accum:
@@ -236,11 +238,24 @@ class Trainer:
                 f"data.batch_size ({rows}) must be divisible by train.grad_accum ({accum})"
             )
         micro = rows // accum
-        dp = mesh.shape["data"] * mesh.shape["expert"]
-        if micro % dp:
+        try:
+            mode = resolve_context(cfg.compute.context_parallel, micro, mesh.shape)
+        except ValueError as e:
+            raise ConfigError(f"{e} (data.batch_size / train.grad_accum = {micro})") from None
+        n = {"none": 1, "expert": mesh.shape["expert"]}.get(
+            mode, mesh.shape["data"] * mesh.shape["expert"]
+        )
+        if n > 1 and cfg.data.seq_len % (2 * n):
             raise ConfigError(
-                f"a microbatch of {micro} rows (data.batch_size / train.grad_accum) must be "
-                f"divisible by mesh.data × mesh.expert = {dp}"
+                f"data.seq_len {cfg.data.seq_len}: context parallelism over {n} devices "
+                f"(compute.context_parallel resolved to {mode!r}) needs a multiple of {2 * n}"
+            )
+        if n > jax.local_device_count():
+            # each host's loader feeds whole rows (k2jax.data): a row cannot span hosts yet
+            raise ConfigError(
+                f"compute.context_parallel resolved to {mode!r} splits each row over {n} devices "
+                f"but a host has {jax.local_device_count()}; rows cannot span hosts: use more "
+                "rows per microbatch (one per host at least) or a mesh.expert within a host"
             )
         if (micro * cfg.data.seq_len) % mesh.size:
             raise ConfigError(
