@@ -96,6 +96,7 @@ from jax._src.interpreters import partial_eval as pe
 
 import k2jax
 from k2jax.config import load_model_config
+from k2jax.model.context_parallel import resolve as resolve_context
 from k2jax.sharding import make_mesh, use_mesh
 from k2jax.train.step import Program
 
@@ -205,8 +206,11 @@ def make_setup(
     remat: str | None = None,
     seq: int | None = None,
     moe_chunk_tokens: int | None = None,
+    rows: int | None = None,
 ) -> Setup:
-    """The program of a setup (see the module docstring), with the counting kernels' impls."""
+    """The program of a setup (see the module docstring), with the counting kernels' impls.
+    `rows` (default: one per device) fewer than the data × expert shards split each row along
+    the sequence (context parallelism, k2jax/model/context_parallel.py)."""
     case = bench_step.CASES["b"]
     if name == "slice":
         cfg, seq, mesh_sizes = bench_step.slice_config(case), seq or SEQ, None
@@ -223,8 +227,10 @@ def make_setup(
         changes["remat"] = remat
     if moe_chunk_tokens is not None:
         changes["moe_chunk_tokens"] = moe_chunk_tokens
-    if changes:
-        spec = dataclasses.replace(spec, compute=dataclasses.replace(spec.compute, **changes))
+    rows = rows or (math.prod(mesh_sizes.values()) if mesh_sizes else 1)
+    mode = resolve_context("auto", rows // spec.grad_accum, mesh_sizes or {})
+    changes["context_parallel"] = mode
+    spec = dataclasses.replace(spec, compute=dataclasses.replace(spec.compute, **changes))
     if mesh_sizes is None:
         mesh = make_mesh(devices=jax.devices()[:1])
     else:
@@ -232,12 +238,16 @@ def make_setup(
         if jax.device_count() < n:
             raise RuntimeError(f"{name} needs {n} devices; jax has {jax.device_count()}")
         mesh = make_mesh(**mesh_sizes, devices=jax.devices()[:n])
-    rows = mesh.devices.size  # one row per device
     what = (
         f"{cfg.num_dense_layers}+{cfg.num_moe_layers} layers, {cfg.n_routed_experts} "
         f"{spec.compute.experts} experts, seq {seq}, {rows} row(s), mesh "
-        + ("1 device" if rows == 1 else "×".join(f"{k} {v}" for k, v in mesh_sizes.items()))
+        + (
+            "1 device"
+            if mesh_sizes is None
+            else "×".join(f"{k} {v}" for k, v in mesh_sizes.items())
+        )
         + f", remat {spec.compute.remat}, moe_chunk_tokens {spec.compute.moe_chunk_tokens}"
+        + (f", context parallel {mode!r}" if mode != "none" else "")
     )
     return Setup(name, what, Program(spec, mesh), rows, seq)
 
@@ -1206,11 +1216,12 @@ def main(argv=None) -> int:
     ap.add_argument("--remat", default=None, help="remat policy (default: the recipe's, full)")
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--moe-chunk-tokens", type=int, default=None)
+    ap.add_argument("--rows", type=int, default=None, help="rows per step (default: one/device)")
     ap.add_argument("--no-policies", action="store_true", help="skip the remat-policy sweep")
     ap.add_argument("--json", type=Path, default=None, help="write the record here")
     args = ap.parse_args(argv)
     kw = dict(seq=args.seq, moe_chunk_tokens=args.moe_chunk_tokens)
-    setup = make_setup(args.setup, remat=args.remat, **kw)
+    setup = make_setup(args.setup, remat=args.remat, rows=args.rows, **kw)
     rec = account(setup)
     rec["command"] = " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])
     if not args.no_policies:

@@ -499,3 +499,64 @@ def test_demo_style_is_regular_and_fits_128_tokens(tok):
         for ex, _ in conversation_examples(line, "demo", tok, "kimi_k2")
     ]
     assert len(lengths) == len(convs) and max(lengths) <= 128
+
+
+def _long_chat(turns: int) -> dict:
+    system = {"role": "system", "content": "You are a pirate."}
+    return {"messages": [system, *chat(3, turns=turns)["messages"]]}
+
+
+@pytest.mark.parametrize("template", ["kimi_k2", "kimi_k2_thinking"])
+def test_overlong_examples_are_cut_at_turn_boundaries(tok, template):
+    """data.overlong = "split_turns": an over-long conversation becomes pieces of whole turns
+    that fit, each headed by the system prompt; every answer is learned exactly as in the uncut
+    example (all of them for kimi_k2; the last turn, with as much history as fits, for the
+    thinking template's per-turn examples)."""
+    from k2jax.data.dataset import cut_examples
+
+    line = json.dumps(_long_chat(6))
+    [(whole, _)] = conversation_examples(line, "f:1", tok, template, split_turns=False)
+    if template == "kimi_k2_thinking":  # the last turn's example: its whole history
+        whole = conversation_examples(line, "f:1", tok, template)[-1][0]
+    max_len = len(whole) * 2 // 5
+    split = template == "kimi_k2_thinking"
+    pieces, firsts = cut_examples(line, "f:1", tok, template, split_turns=split, max_len=max_len)
+    if split:  # six per-turn examples, the later ones cut: keep the last one's
+        pieces = pieces[max(firsts) :]
+        assert len(pieces) == 1 and "(piece 1 of 1)" in pieces[0][1]
+    else:
+        assert firsts == {0} and len(pieces) >= 3
+        assert [w for _, w in pieces] == [
+            f"f:1 (piece {i + 1} of {len(pieces)})" for i in range(len(pieces))
+        ]
+    learned = []
+    system = tok.encode("You are a pirate.")
+    for ex, _ in pieces:
+        assert len(ex) <= max_len
+        assert any(ex.tokens[i : i + len(system)].tolist() == system for i in range(len(ex)))
+        learned += ex.tokens[ex.loss_mask].tolist()
+    assert learned == whole.tokens[whole.loss_mask].tolist()
+
+
+def test_overlong_policy_counts_what_it_touched(tmp_path, tok):
+    """ "drop" skips and counts an over-long example as "too long"; "split_turns" cuts it and
+    counts it as cut; a single turn too long for any piece is still dropped; the count resumes."""
+    short = chat(1)
+    long = _long_chat(8)
+    huge = {"messages": [{"role": "user", "content": "x " * 400}, short["messages"][1]]}
+    path = write_jsonl(tmp_path / "d.jsonl", [short, long, huge, short])
+    base = dict(seq_len=96, batch_size=1, shuffle=False, num_epochs=1)
+    dropped = PackedBatches(cfg(path, **base), tok)
+    list(dropped)
+    assert "2 skipped (too long: 2)" in dropped.last_epoch_summary
+    cut = PackedBatches(cfg(path, overlong="split_turns", **base), tok)
+    first = next(cut)
+    state = cut.state()
+    rest = list(cut)
+    summary = cut.last_epoch_summary
+    assert "1 over-long cut at turns" in summary and "1 skipped (too long: 1)" in summary
+    resumed = PackedBatches(cfg(path, overlong="split_turns", **base), tok, state=state)
+    assert same(list(resumed), rest) and resumed.last_epoch_summary == summary
+    assert first["segment_ids"].max() >= 1
+    with pytest.raises(ConfigError, match="data.overlong"):
+        cfg(path, overlong="truncate")

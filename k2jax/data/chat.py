@@ -66,6 +66,8 @@ user content into special ids (`allowed_special="all"`).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -550,6 +552,55 @@ def split_turns(messages: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str,
     return out
 
 
+def _turn_starts(messages: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Indices of the user messages: where each turn begins."""
+    return [i for i, m in enumerate(messages) if m.get("role") == "user"]
+
+
+def fit_turns(
+    messages: Sequence[Mapping[str, Any]],
+    encode,
+    max_len: int,
+    *,
+    last_turn: bool,
+) -> list[EncodedChat] | None:
+    """A conversation longer than `max_len` tokens cut at turn boundaries (never inside one).
+
+    `encode(messages)` tokenizes a list of messages. The messages before the first user turn
+    (system prompts) head every piece. With `last_turn` (an example that learns only its last
+    turn) the oldest turns are dropped until it fits: one piece, the answer and as much of its
+    history as fits. Otherwise the turns are grouped greedily into consecutive pieces that each
+    fit, so every assistant message is learned exactly once. None when a single turn (with the
+    head) does not fit: nothing of it can be learned without cutting inside an answer.
+    """
+    starts = _turn_starts(messages)
+    if not starts:
+        return None
+    head = list(messages[: starts[0]])
+    bounds = [*starts, len(messages)]
+    turns = [list(messages[a:b]) for a, b in itertools.pairwise(bounds)]
+    if last_turn:
+        for first in range(1, len(turns)):
+            ex = encode(head + [m for t in turns[first:] for m in t])
+            if len(ex) <= max_len:
+                return [ex]
+        return None
+    pieces, i = [], 0
+    while i < len(turns):
+        best = None
+        for j in range(i + 1, len(turns) + 1):  # the longest run of turns from i that fits
+            ex = encode(head + [m for t in turns[i:j] for m in t])
+            if len(ex) > max_len:
+                break
+            best = (j, ex)
+        if best is None:
+            return None
+        i, ex = best
+        if ex.loss_mask.any():  # a run of turns without an answer teaches nothing
+            pieces.append(ex)
+    return pieces
+
+
 def training_examples(
     messages: Sequence[Mapping[str, Any]],
     tokenizer: KimiTokenizer,
@@ -557,6 +608,7 @@ def training_examples(
     *,
     tools: Sequence[Any] | None = None,
     split: bool | None = None,
+    max_len: int | None = None,
 ) -> list[EncodedChat]:
     """The SFT examples of one conversation.
 
@@ -565,14 +617,33 @@ def training_examples(
       (kimi_k2_thinking, kimi_k25 with thinking). Without splitting, a stripping template learns
       only the last turn (earlier turns show no reasoning there); other templates learn every
       assistant message.
+    max_len: an example longer than this is cut at turn boundaries (`fit_turns`) and given as
+      one `SplitExamples` of its pieces; when it cannot be (one turn is too long by itself) it
+      stays as it is, for the caller to count as too long. None: never cut.
     """
     t = _as_template(template)
     check_conversation(messages)
     if split is None:
         split = t.strips_history_reasoning
-    if not split:
-        return [encode_chat(messages, tokenizer, t, tools=tools)]
-    return [
-        encode_chat(prefix, tokenizer, t, tools=tools, train_on="last_turn")
-        for prefix in split_turns(messages)
-    ]
+    train_on = "last_turn" if split else "auto"
+    prefixes = split_turns(messages) if split else [list(messages)]
+    encode = functools.partial(
+        encode_chat, tokenizer=tokenizer, template=t, tools=tools, train_on=train_on
+    )
+    out = []
+    for prefix in prefixes:
+        ex = encode(prefix)
+        if max_len is not None and len(ex) > max_len:
+            fitted = fit_turns(prefix, encode, max_len, last_turn=split)
+            if fitted is not None:
+                out.append(SplitExamples(fitted))
+                continue
+        out.append(ex)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitExamples:
+    """The pieces `fit_turns` cut one over-long example into (training_examples with max_len)."""
+
+    pieces: list[EncodedChat]

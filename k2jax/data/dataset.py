@@ -88,6 +88,7 @@ from k2jax.data.chat import (
     TEMPLATE_NAMES,
     ChatFormatError,
     EncodedChat,
+    SplitExamples,
     check_conversation,
     get_template,
     training_examples,
@@ -130,6 +131,10 @@ class DataConfig:
       keeps file order.
     num_epochs: passes over the data; None repeats forever (the trainer counts steps).
     split_turns: one example per user turn; None does so where the template needs it.
+    overlong: an example longer than seq_len is "drop"ped as a bad example (counted, or raised
+      under on_bad_example="error"), or "split_turns": cut at turn boundaries into pieces that
+      fit (each with the system prompt; `chat.fit_turns`), counted as "cut at turns" in the
+      epoch summary; a single turn longer than seq_len is still dropped. Never cut inside a turn.
     on_bad_example: "skip" (log, count, summarise) or "error" (raise at the first).
     """
 
@@ -142,6 +147,7 @@ class DataConfig:
     shuffle: bool = True
     num_epochs: int | None = None
     split_turns: bool | None = None
+    overlong: Literal["drop", "split_turns"] = "drop"
     on_bad_example: Literal["skip", "error"] = "skip"
 
     def __post_init__(self):
@@ -162,6 +168,10 @@ class DataConfig:
             raise ConfigError(f"data.seed: must be >= 0, got {self.seed}")
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size: must be >= 1, got {self.batch_size}")
+        if self.overlong not in ("drop", "split_turns"):
+            raise ConfigError(
+                f"data.overlong: expected 'drop' or 'split_turns', got {self.overlong!r}"
+            )
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ConfigError(f"data.num_epochs: must be >= 1 or None, got {self.num_epochs}")
 
@@ -295,6 +305,25 @@ def conversation_examples(
     split_turns: bool | None = None,
 ) -> list[tuple[EncodedChat, str]]:
     """The tokenized training examples of one JSONL line, each with its `file:line (turn k)`."""
+    examples, _ = cut_examples(
+        line, where, tokenizer, template, thinking=thinking, split_turns=split_turns
+    )
+    return examples
+
+
+def cut_examples(
+    line: str,
+    where: str,
+    tokenizer: KimiTokenizer,
+    template: str,
+    *,
+    thinking: bool = True,
+    split_turns: bool | None = None,
+    max_len: int | None = None,
+) -> tuple[list[tuple[EncodedChat, str]], frozenset[int]]:
+    """`conversation_examples`, with examples longer than `max_len` cut at turn boundaries
+    (data.overlong = "split_turns", `chat.fit_turns`); also returns the indices (into the
+    list) of the first piece of each cut example."""
     conv = _parse_line(line, where)
     try:
         examples = training_examples(
@@ -303,12 +332,20 @@ def conversation_examples(
             get_template(template, thinking=thinking),
             tools=conv.tools,
             split=split_turns,
+            max_len=max_len,
         )
     except ChatFormatError as e:
         raise DataError(where, e.reason, str(e)) from None
-    if len(examples) == 1:
-        return [(examples[0], where)]
-    return [(ex, f"{where} (turn {k + 1})") for k, ex in enumerate(examples)]
+    out, firsts = [], set()
+    for k, ex in enumerate(examples):
+        at = where if len(examples) == 1 else f"{where} (turn {k + 1})"
+        if isinstance(ex, SplitExamples):
+            firsts.add(len(out))
+            n = len(ex.pieces)
+            out += [(p, f"{at} (piece {i + 1} of {n})") for i, p in enumerate(ex.pieces)]
+        else:
+            out.append((ex, at))
+    return out, frozenset(firsts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -511,6 +548,7 @@ class _Cursor:
     sub: int = 0  # example within that line (turns)
     examples: int = 0  # usable examples consumed in this epoch
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> count
+    cut: int = 0  # over-long examples cut at turn boundaries (data.overlong = "split_turns")
 
 
 class PackedBatches(Iterator[dict[str, np.ndarray]]):
@@ -555,6 +593,7 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
         self._batches = 0
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation)
         self._line: tuple[tuple[int, int], list | DataError] | None = None
+        self._line_cut: frozenset[int] = frozenset()  # first pieces of cut examples in _line
         self._logged_bad = 0
         self.last_epoch_summary: str | None = None  # summary() of the last finished epoch
         if state is not None:
@@ -564,6 +603,8 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
     def _make_fingerprint(self) -> str:
         c = self.config
         settings = [c.template, c.thinking, self._split, c.seed, c.shuffle]
+        if c.overlong != "drop":  # (appended only when set: earlier states still resume)
+            settings.append(c.overlong)
         return (
             f"{self._index.fingerprint()}-"
             + hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:8]
@@ -580,6 +621,7 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
             "sub": c.sub,
             "examples": c.examples,
             "skipped": dict(c.skipped),
+            "cut": c.cut,
             "batches": self._batches,
         }
 
@@ -592,6 +634,7 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
                 int(state["sub"]),
                 int(state["examples"]),
                 {str(k): int(v) for k, v in dict(state["skipped"]).items()},
+                int(state.get("cut", 0)),  # absent in states saved before data.overlong
             )
             batches = int(state["batches"])
         except (KeyError, TypeError, ValueError) as e:
@@ -602,7 +645,7 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
             raise ValueError(
                 f"the data state was saved for other data or settings (fingerprint {fingerprint}, "
                 f"now {self._fingerprint}): {self.config.path} or data.template/thinking/"
-                "split_turns/seed/shuffle changed since the checkpoint"
+                "split_turns/overlong/seed/shuffle changed since the checkpoint"
             )
         if not 0 <= cursor.position <= len(self._index):
             raise ValueError(f"data state position {cursor.position} is beyond the data")
@@ -628,18 +671,21 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
             where = self._index.where(i)
             try:
                 text = self._index.read(i)
-                value: list | DataError = (
-                    []
-                    if not text.strip()
-                    else conversation_examples(
+                value: list | DataError = []
+                firsts: frozenset[int] = frozenset()
+                if text.strip():
+                    value, firsts = cut_examples(
                         text,
                         where,
                         self._tokenizer,
                         self.config.template,
                         thinking=self.config.thinking,
                         split_turns=self._split,
+                        max_len=self.config.seq_len
+                        if self.config.overlong == "split_turns"
+                        else None,
                     )
-                )
+                self._line_cut = firsts
             except DataError as e:
                 value = e
             self._line = (key, value)
@@ -700,6 +746,8 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
         """Counts of the current epoch so far: usable examples and skipped ones by reason."""
         c = self._cursor
         text = f"epoch {c.epoch} of {self.config.path}: {c.examples} examples"
+        if c.cut:
+            text += f", {c.cut} over-long cut at turns into pieces (data.overlong)"
         if c.skipped:
             reasons = ", ".join(f"{r}: {n}" for r, n in sorted(c.skipped.items()))
             text += f", {sum(c.skipped.values())} skipped ({reasons})"
@@ -719,6 +767,8 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
                 break
             row.append(example)
             used += len(example)
+            if self._cursor.sub in self._line_cut:  # counted once, at its first piece
+                self._cursor.cut += 1
             self._cursor.sub += 1
             self._cursor.examples += 1
         return row or None

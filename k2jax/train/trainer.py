@@ -250,12 +250,14 @@ class Trainer:
                 f"data.seq_len {cfg.data.seq_len}: context parallelism over {n} devices "
                 f"(compute.context_parallel resolved to {mode!r}) needs a multiple of {2 * n}"
             )
-        if n > jax.local_device_count():
-            # each host's loader feeds whole rows (k2jax.data): a row cannot span hosts yet
+        # each host's loader feeds whole rows (k2jax.data): a row's devices must share a host
+        row_groups = mesh.devices.reshape(1 if mode == "all" else mesh.shape["data"], -1)
+        if n > 1 and any(len({d.process_index for d in g}) > 1 for g in row_groups):
             raise ConfigError(
-                f"compute.context_parallel resolved to {mode!r} splits each row over {n} devices "
-                f"but a host has {jax.local_device_count()}; rows cannot span hosts: use more "
-                "rows per microbatch (one per host at least) or a mesh.expert within a host"
+                f"compute.context_parallel resolved to {mode!r}: each row's sequence would be "
+                "split over devices of several hosts, and rows cannot span hosts yet; use one "
+                "row per host at least, with mesh.data = hosts and mesh.expert × mesh.tensor "
+                "within a host"
             )
         if (micro * cfg.data.seq_len) % mesh.size:
             raise ConfigError(
@@ -419,6 +421,9 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self._flush()
+            if history and hasattr(self.data, "summary"):
+                # what the data policies touched (bad, over-long dropped or cut at turns) so far
+                log.info("data: %s", self.data.summary())
         return history
 
     def _step(self, batch, host_batch, peak, total: int, first: bool) -> dict:
