@@ -88,7 +88,8 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
         action="append",
         required=True,
         metavar="FILE",
-        help="run config (gin syntax; a path or a name in k2jax/configs); repeat to layer files",
+        help="run config (gin syntax; a path or a name in k2jax/configs); repeat to layer files. "
+        "A LLaMA-Factory training .yaml/.yml is read instead, alone (k2jax.train.llamafactory)",
     )
     parser.add_argument(
         "--set",
@@ -109,7 +110,18 @@ def _train(args: argparse.Namespace) -> int:
     logging.getLogger("jax").setLevel(logging.WARNING)
     from k2jax.train.config import RunConfig
 
-    config = RunConfig.load(args.config, args.set)
+    yaml_files = [c for c in args.config if str(c).endswith((".yaml", ".yml"))]
+    if yaml_files and len(args.config) > 1:
+        raise ValueError(
+            f"--config {yaml_files[0]}: a LLaMA-Factory YAML is the only config file; "
+            "change the rest with --set"
+        )
+    if yaml_files:
+        from k2jax.train.llamafactory import run_config_from_yaml
+
+        config = run_config_from_yaml(yaml_files[0], args.set)
+    else:
+        config = RunConfig.load(args.config, args.set)
     if args.print_config:
         print(config.to_gin(), end="")
         return 0
@@ -457,7 +469,11 @@ COMMANDS = {
         _demo_args,
         _demo,
     ),
-    "train": ("LoRA-train from a run config (gin files + --set overrides)", _train_args, _train),
+    "train": (
+        "LoRA-train from a run config (gin files or a LLaMA-Factory YAML, + --set overrides)",
+        _train_args,
+        _train,
+    ),
     "convert": (
         "convert a Hugging Face Kimi checkpoint to sharded Orbax",
         _convert_args,

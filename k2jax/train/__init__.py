@@ -4,6 +4,7 @@
   metrics, evaluation, checkpoints, exact resume. `k2jax train` (k2jax/cli.py) calls it.
 * `RunConfig` (config.py) — the run's sections (model, compute, mesh, lora, optim, schedule, data,
   train, eval, checkpoint, log), read from gin-syntax files.
+* `run_config_from_yaml` (llamafactory.py) — a LLaMA-Factory training YAML as a RunConfig.
 * `Program` (step.py) — the compiled train/eval steps and every sharding, cached per setup.
 * `Checkpointer` (checkpoint.py) — Orbax: async, keep-last-N, atomic, restorable on any mesh.
 * `load_run` (run.py) — a run folder's configs, LoRA, QK-clip factors, trained base leaves.
@@ -27,6 +28,7 @@ _LAZY = {
     "EvalConfig": "config",
     "CheckpointConfig": "config",
     "LogConfig": "config",
+    "run_config_from_yaml": "llamafactory",
     "Program": "step",
     "StepSpec": "step",
     "build_program": "step",
