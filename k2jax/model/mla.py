@@ -138,15 +138,7 @@ class MLA(nn.Module):
         gathered region. Returns ([B, T, H, Dv] in layout order, max logit [H])."""
         c = self.cfg
         dtype = q_nope.dtype
-        s_kn = None
-        if self.has_variable("qk_clip", "scales"):
-            s_qn, s_qr, s_kn = self.get_variable("qk_clip", "scales")
-            q_nope = q_nope * s_qn[:, None].astype(dtype)
-            q_rope = q_rope * s_qr[:, None].astype(dtype)
-        inv_freq, attention_factor = rope_parameters(c)
-        cos, sin = rope_cos_sin(positions_BT, inv_freq, attention_factor, q_rope.dtype)
-        q_rope = apply_rope(q_rope, cos, sin)
-        k_rope = apply_rope(k_rope, cos, sin)
+        q_nope, q_rope, k_rope, s_kn = self._clip_and_rotate(q_nope, q_rope, k_rope, positions_BT)
 
         w = self.variables["params"]["kv_b_proj"]["weight"]
         lora, scale = None, 1.0
@@ -175,6 +167,18 @@ class MLA(nn.Module):
             lora_scale=scale,
         )
 
+    def _clip_and_rotate(self, q_nope, q_rope, k_rope, positions_BT):
+        """The query's QK-clip factors applied (the key's, s_kn, returned: each path applies it
+        where its keys are formed) and RoPE on the query and the shared key."""
+        s_kn = None
+        if self.has_variable("qk_clip", "scales"):
+            s_qn, s_qr, s_kn = self.get_variable("qk_clip", "scales")
+            q_nope = q_nope * s_qn[:, None].astype(q_nope.dtype)
+            q_rope = q_rope * s_qr[:, None].astype(q_rope.dtype)
+        inv_freq, attention_factor = rope_parameters(self.cfg)
+        cos, sin = rope_cos_sin(positions_BT, inv_freq, attention_factor, q_rope.dtype)
+        return q_nope, apply_rope(q_rope, cos, sin), apply_rope(k_rope, cos, sin), s_kn
+
     def _cached_attention(self, q_nope, q_rope, c_kv_BTC, k_rope_BTR, positions_BT):
         """Writes this step's latent and rotary key into the cache at `positions_BT` and attends
         over the cache in the absorbed form (module docstring). Returns ([B, T, H, Dv], max
@@ -185,18 +189,9 @@ class MLA(nn.Module):
         dtype = q_nope.dtype
         f32 = accum_dtype(dtype)
 
-        if self.has_variable("qk_clip", "scales"):
-            s_qn, s_qr, s_kn = self.get_variable("qk_clip", "scales")
-        else:
-            s_qn = s_qr = s_kn = None
-        if s_qn is not None:
-            q_nope = q_nope * s_qn[:, None].astype(dtype)
-            q_rope = q_rope * s_qr[:, None].astype(dtype)
-
-        inv_freq, attention_factor = rope_parameters(c)
-        cos, sin = rope_cos_sin(positions_BT, inv_freq, attention_factor, q_rope.dtype)
-        q_rope = apply_rope(q_rope, cos, sin)
-        k_rope_BTR = apply_rope(k_rope_BTR, cos, sin)
+        q_nope, q_rope, k_rope_BTR, s_kn = self._clip_and_rotate(
+            q_nope, q_rope, k_rope_BTR, positions_BT
+        )
 
         # Write the new tokens. Row b's token t goes to slot positions[b, t]: rows may sit at
         # different lengths, and a right-padded prefill writes padding only past a row's end,
