@@ -114,6 +114,12 @@ class PlanResult:
             )
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(f"  verdict: {verdict} (reserve {self.reserve_bytes / GIB:.1f} GiB)")
+        if not self.fits and self.context_degree == 1 and self.mesh.get("expert", 1) > 1:
+            lines.append(
+                f"  advice: fewer rows per step (--batch {self.mesh.get('data', 1)}) split each "
+                f"row's sequence over the {self.mesh['expert']} expert devices "
+                "(compute.context_parallel, README 'Long context')"
+            )
         return "\n".join(lines)
 
 
