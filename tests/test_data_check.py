@@ -21,7 +21,7 @@ GOOD = json.dumps({"messages": HI})
 # One line of every kind the check finds, each with the reason the stream gives it.
 BAD_LINES = {
     "invalid JSON": '{"messages": [',
-    "unknown format": '{"text": "hello"}',
+    "unknown format": '{"txt": "hello"}',
     "unknown role": json.dumps({"messages": [{"role": "robot", "content": "x"}, HI[1]]}),
     "missing content": json.dumps({"messages": [{"role": "user"}, HI[1]]}),
     "no assistant turn": json.dumps({"messages": [HI[0]]}),

@@ -176,7 +176,7 @@ MISSING = "missing content"
     [
         ('{"messages": [', "invalid JSON"),
         ("[1, 2]", "unknown format"),
-        ('{"text": "hello"}', "unknown format"),
+        ('{"txt": "hello"}', "unknown format"),
         ('{"messages": [{"role": "robot", "content": "x"}]}', "unknown role"),
         ('{"conversations": [{"from": "bot", "value": "x"}]}', "unknown role"),
         ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant turn"),
@@ -559,4 +559,4 @@ def test_overlong_policy_counts_what_it_touched(tmp_path, tok):
     assert same(list(resumed), rest) and resumed.last_epoch_summary == summary
     assert first["segment_ids"].max() >= 1
     with pytest.raises(ConfigError, match="data.overlong"):
-        cfg(path, overlong="truncate")
+        cfg(path, overlong="cut")

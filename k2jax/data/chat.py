@@ -48,6 +48,17 @@ content string is encoded as plain text, so a user typing `<|im_end|>` cannot en
 between two structural tokens is encoded in one piece, which gives the same ids as tokenizing the
 whole rendered string with Moonshot's tokenizer (specials split the text there too).
 
+**What is learned** (the per-token loss weight, `EncodedChat.weights`). By default the
+assistant messages selected by `train_on` (all of them, or those after the last user message)
+are learned with weight 1 and every other token (system, user and tool turns, the tool
+declaration, the default system prompt, assistant headers, answers not selected) with weight 0;
+`train_on_prompt` gives those other tokens weight 1 too (LLaMA-Factory's flag). A message's own
+`weight` (a number >= 0, OpenAI's fine-tuning field) or `train` (true/false: 1/0) multiplies all
+of its tokens: `weight: 0` takes an answer out of the loss, 0.5 halves it. The loss is
+sum(w · loss) / sum(w) over a batch (k2jax.model.loss), so fractional weights are honoured
+exactly. A positive weight on a system/user/tool message without `train_on_prompt` would change
+nothing and is an error, not a silent no-op.
+
 **Checks.** Everything rendering can reject (roles, field types, content parts, tool-call shapes,
 tool results that answer no call) is checked in one place before anything is written, without a
 tokenizer; `check_conversation` adds what a conversation needs to be trained on (content on every
@@ -66,11 +77,11 @@ user content into special ids (`allowed_special="all"`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import json
+import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -146,12 +157,12 @@ def _as_template(template: str | ChatTemplate) -> ChatTemplate:
 class Piece:
     """A run of the rendered conversation: a special token (by name) or plain text.
 
-    learn: the tokens of this piece are assistant output to train on.
+    weight: the loss weight of this piece's tokens (0: not learned).
     """
 
     text: str
     special: bool
-    learn: bool
+    weight: float
 
 
 def _content_text(content: Any, where: str) -> str:
@@ -226,6 +237,7 @@ class _Turn:
     reasoning: str = ""
     calls: tuple[tuple[str, str], ...] = ()
     call_id: str = ""
+    weight: float = 1.0  # the message's own `weight` / `train`
 
 
 def _check_messages(messages: Sequence[Mapping[str, Any]]) -> list[_Turn]:
@@ -259,6 +271,25 @@ def _check_roles(messages: Sequence[Mapping[str, Any]]) -> None:
             raise ChatFormatError(f"message {i} ({role}): only assistant messages have tool_calls")
 
 
+def _message_weight(m: Mapping[str, Any], where: str) -> float:
+    """A message's `weight` (a number >= 0) or `train` (a bool); 1 when it has neither."""
+    weight, train = m.get("weight"), m.get("train")
+    if train is not None and not isinstance(train, bool):
+        raise ChatFormatError(f"{where}: train must be true or false, got {train!r}")
+    if weight is not None and (
+        isinstance(weight, bool)
+        or not isinstance(weight, (int, float))
+        or not math.isfinite(weight)
+        or weight < 0
+    ):
+        raise ChatFormatError(f"{where}: weight must be a number >= 0, got {weight!r}")
+    if weight is not None and train is not None and (weight > 0) != train:
+        raise ChatFormatError(f"{where}: train = {train} and weight = {weight} disagree")
+    if weight is not None:
+        return float(weight)
+    return 0.0 if train is False else 1.0
+
+
 def _turns(messages: Sequence[Mapping[str, Any]]) -> list[_Turn]:
     """The messages (roles already checked) in render form: content, reasoning, tool calls and
     the ids tool results answer, each checked."""
@@ -269,6 +300,7 @@ def _turns(messages: Sequence[Mapping[str, Any]]) -> list[_Turn]:
         role = m["role"]
         where = f"message {i} ({role})"
         name = m.get("name") or role
+        weight = _message_weight(m, where)
         if role == "assistant":
             reasoning, content = _reasoning_and_content(m, where)
             calls = m.get("tool_calls") or []
@@ -283,7 +315,7 @@ def _turns(messages: Sequence[Mapping[str, Any]]) -> list[_Turn]:
                 rendered.append((call_id, args))
             if rendered:
                 pending = [call_id for call_id, _ in rendered]
-            turns.append(_Turn(role, name, content, reasoning, tuple(rendered)))
+            turns.append(_Turn(role, name, content, reasoning, tuple(rendered), weight=weight))
         elif role == "tool":
             call_id = m.get("tool_call_id")
             if call_id is None or call_id == "":
@@ -300,13 +332,19 @@ def _turns(messages: Sequence[Mapping[str, Any]]) -> list[_Turn]:
             if call_id in pending:
                 pending.remove(call_id)
             content = _content_text(m.get("content"), where)
-            turns.append(_Turn(role, name, content, call_id=call_id))
+            turns.append(_Turn(role, name, content, call_id=call_id, weight=weight))
         else:
-            turns.append(_Turn(role, name, _content_text(m.get("content"), where)))
+            turns.append(_Turn(role, name, _content_text(m.get("content"), where), weight=weight))
     return turns
 
 
-def check_conversation(messages: Sequence[Mapping[str, Any]]) -> None:
+def check_conversation(
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    train_on_prompt: bool = False,
+    last_turn: bool = False,
+    prompt_messages: int = 0,
+) -> None:
     """Raises ChatFormatError unless `messages` is a conversation to train on.
 
     Everything `training_examples` rejects, without a tokenizer (so without the length): what
@@ -317,14 +355,21 @@ def check_conversation(messages: Sequence[Mapping[str, Any]]) -> None:
     * an assistant message needs something to learn: content text, a reasoning, or tool_calls. A
       null or missing content is fine beside tool_calls or a reasoning (OpenAI's form allows it
       with tool_calls); with neither it is "missing content", and so is an empty one;
-    * at least one assistant message ("no assistant turn").
+    * at least one assistant message ("no assistant turn"), after the first `prompt_messages`;
+    * something learned: an answer with a positive weight (after the last user message, with
+      `last_turn`), or `train_on_prompt` ("nothing to learn"); a positive weight on a message
+      that is not an answer needs `train_on_prompt` ("invalid message").
 
     Rendering a prompt (`render`, `encode_chat`) does not apply these rules: a chat history may
     hold an empty reply.
     """
     _check_roles(messages)
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ChatFormatError("the conversation has no assistant message", "no assistant turn")
+    if not any(m["role"] == "assistant" for m in messages[prompt_messages:]):
+        raise ChatFormatError(
+            "the conversation has no assistant message"
+            + (" in its completion" if prompt_messages else ""),
+            "no assistant turn",
+        )
     turns = _turns(messages)
     for i, (m, turn) in enumerate(zip(messages, turns)):
         absent = "missing" if "content" not in m else "null" if m["content"] is None else "empty"
@@ -341,6 +386,23 @@ def check_conversation(messages: Sequence[Mapping[str, Any]]) -> None:
                 'text parts, or "" for an empty message)',
                 "missing content",
             )
+    last_user = max((i for i, t in enumerate(turns) if t.role == "user"), default=-1)
+    answers = [
+        t
+        for i, t in enumerate(turns)
+        if t.role == "assistant" and i >= prompt_messages and (not last_turn or i > last_user)
+    ]
+    if not train_on_prompt:
+        if not any(t.weight > 0 for t in answers):
+            raise ChatFormatError(
+                "every answer to learn has weight 0 (or train: false)", "nothing to learn"
+            )
+        for i, (m, t) in enumerate(zip(messages, turns)):
+            if t.role != "assistant" and ("weight" in m or "train" in m) and t.weight > 0:
+                raise ChatFormatError(
+                    f"message {i} ({t.role}): a positive weight/train on a {t.role} message is "
+                    "learned only with data.train_on_prompt"
+                )
 
 
 def render_pieces(
@@ -350,8 +412,10 @@ def render_pieces(
     tools: Sequence[Any] | None = None,
     add_generation_prompt: bool = False,
     train_on: Literal["auto", "all_assistant", "last_turn"] = "auto",
+    train_on_prompt: bool = False,
+    prompt: Sequence[bool] | None = None,
 ) -> list[Piece]:
-    """Renders OpenAI-style `messages` into special/text pieces with learn flags.
+    """Renders OpenAI-style `messages` into special/text pieces with loss weights.
 
     messages: dicts with `role` (system/user/assistant/tool), `content` (str, text parts or None),
       optional `name`; assistants may have `reasoning_content` and `tool_calls`
@@ -360,6 +424,10 @@ def render_pieces(
     train_on: which assistant messages are learned. "last_turn": those after the last user
       message; "all_assistant": all; "auto": "last_turn" for templates that strip history
       reasoning, else "all_assistant".
+    train_on_prompt: every token that is not a learned answer gets weight 1 too, not 0.
+    prompt: True for the messages that are part of the prompt whatever their role (TRL's
+      prompt/completion): their assistant messages are not answers.
+    Each message's tokens are then multiplied by its own weight (see the module docstring).
     """
     t = _as_template(template)
     turns = _check_messages(messages)
@@ -378,18 +446,19 @@ def render_pieces(
     )
 
     pieces: list[Piece] = []
+    other = 1.0 if train_on_prompt else 0.0  # the weight of what is not a learned answer
 
-    def special(name: str, learn: bool = False) -> None:
+    def special(name: str, learn: float = other) -> None:
         pieces.append(Piece(name, True, learn))
 
-    def text(s: str, learn: bool = False) -> None:
+    def text(s: str, learn: float = other) -> None:
         if s:
             pieces.append(Piece(s, False, learn))
 
-    def header(role_token: str, name: str) -> None:
-        special(role_token)
-        text(name)
-        special("<|im_middle|>")
+    def header(role_token: str, name: str, w: float = other) -> None:
+        special(role_token, w)
+        text(name, w)
+        special("<|im_middle|>", w)
 
     if tools:
         if not isinstance(tools, Sequence) or isinstance(tools, str):
@@ -409,9 +478,11 @@ def render_pieces(
         special("<|im_end|>")
 
     for i, m in enumerate(turns):
+        w = other * m.weight
         if m.role == "assistant":
-            learn = train_on == "all_assistant" or i > last_user
-            header("<|im_assistant|>", m.name)
+            answer = (train_on == "all_assistant" or i > last_user) and not (prompt and prompt[i])
+            learn = (1.0 if answer else other) * m.weight
+            header("<|im_assistant|>", m.name, w)
             if t.reasoning != "none":
                 special("<think>", learn)
                 if t.reasoning == "current" and i > boundary:
@@ -429,18 +500,18 @@ def render_pieces(
                 special("<|tool_calls_section_end|>", learn)
             special("<|im_end|>", learn)
         elif m.role == "tool":
-            header("<|im_system|>", m.name)
-            text(f"## Return of {m.call_id}\n{m.content}")
-            special("<|im_end|>")
+            header("<|im_system|>", m.name, w)
+            text(f"## Return of {m.call_id}\n{m.content}", w)
+            special("<|im_end|>", w)
         else:
-            header("<|im_user|>" if m.role == "user" else "<|im_system|>", m.name)
-            text(m.content)
-            special("<|im_end|>")
+            header("<|im_user|>" if m.role == "user" else "<|im_system|>", m.name, w)
+            text(m.content, w)
+            special("<|im_end|>", w)
 
     if add_generation_prompt:
-        header("<|im_assistant|>", "assistant")
+        header("<|im_assistant|>", "assistant", 0.0)
         for s in t.generation_suffix:
-            special(s)
+            special(s, 0.0)
     return pieces
 
 
@@ -483,37 +554,61 @@ class EncodedChat:
     """One tokenized conversation.
 
     tokens: int32 [L] token ids.
-    loss_mask: bool [L]; True where token i is assistant output to learn. (In a packed batch the
+    loss_mask: bool [L]; True where token i is learned (weight > 0). (In a packed batch the
       model predicts token i+1 at position i, so there the mask is shifted by one.)
+    weights: float32 [L] loss weights, or None: the mask's 0/1.
     """
 
     tokens: np.ndarray
     loss_mask: np.ndarray
+    weights: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @property
+    def loss_weights(self) -> np.ndarray:
+        """float32 [L]: the weights, or the mask as 0/1."""
+        return self.weights if self.weights is not None else self.loss_mask.astype(np.float32)
+
+    def __getitem__(self, s: slice) -> EncodedChat:
+        w = None if self.weights is None else self.weights[s]
+        return EncodedChat(self.tokens[s], self.loss_mask[s], w)
+
+    @classmethod
+    def join(cls, parts: Sequence[EncodedChat]) -> EncodedChat:
+        w = None
+        if any(p.weights is not None for p in parts):
+            w = np.concatenate([p.loss_weights for p in parts])
+        return cls(
+            np.concatenate([p.tokens for p in parts]),
+            np.concatenate([p.loss_mask for p in parts]),
+            w,
+        )
 
 
 def encode_pieces(pieces: Sequence[Piece], tokenizer: KimiTokenizer) -> EncodedChat:
     """Token ids and loss mask of rendered pieces; adjacent text pieces are encoded together."""
     ids: list[int] = []
-    mask: list[bool] = []
+    weights: list[float] = []
     i = 0
     while i < len(pieces):
         p = pieces[i]
         if p.special:
             ids.append(tokenizer.encode_special(p.text))
-            mask.append(p.learn)
+            weights.append(p.weight)
             i += 1
             continue
         j = i
-        while j < len(pieces) and not pieces[j].special and pieces[j].learn == p.learn:
+        while j < len(pieces) and not pieces[j].special and pieces[j].weight == p.weight:
             j += 1
         chunk = tokenizer.encode("".join(q.text for q in pieces[i:j]))
         ids += chunk
-        mask += [p.learn] * len(chunk)
+        weights += [p.weight] * len(chunk)
         i = j
-    return EncodedChat(np.asarray(ids, np.int32), np.asarray(mask, bool))
+    w = np.asarray(weights, np.float32)
+    binary = bool(np.isin(w, (0.0, 1.0)).all())
+    return EncodedChat(np.asarray(ids, np.int32), w > 0, None if binary else w)
 
 
 def encode_chat(
@@ -524,6 +619,8 @@ def encode_chat(
     tools: Sequence[Any] | None = None,
     add_generation_prompt: bool = False,
     train_on: Literal["auto", "all_assistant", "last_turn"] = "auto",
+    train_on_prompt: bool = False,
+    prompt: Sequence[bool] | None = None,
 ) -> EncodedChat:
     """Token ids + loss mask of a conversation (see `render_pieces` for the arguments)."""
     pieces = render_pieces(
@@ -532,8 +629,21 @@ def encode_chat(
         tools=tools,
         add_generation_prompt=add_generation_prompt,
         train_on=train_on,
+        train_on_prompt=train_on_prompt,
+        prompt=prompt,
     )
     return encode_pieces(pieces, tokenizer)
+
+
+def prefix_ends(messages: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Where each prefix of `split_turns` ends (an index into `messages`)."""
+    starts = _turn_starts(messages)[1:]
+    out = []
+    for end in [*starts, len(messages)]:
+        begin = max((s for s in starts if s < end), default=0)
+        if any(m.get("role") == "assistant" for m in messages[begin:end]):
+            out.append(end)
+    return out
 
 
 def split_turns(messages: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
@@ -543,13 +653,7 @@ def split_turns(messages: Sequence[Mapping[str, Any]]) -> list[list[Mapping[str,
     calls and results). Prefix k ends where turn k ends; a turn without an assistant message
     (e.g. a trailing question) gives no prefix. Leading system messages belong to every prefix.
     """
-    starts = [i for i, m in enumerate(messages) if m.get("role") == "user"][1:]
-    out = []
-    for end in [*starts, len(messages)]:
-        begin = max((s for s in starts if s < end), default=0)
-        if any(m.get("role") == "assistant" for m in messages[begin:end]):
-            out.append(list(messages[:end]))
-    return out
+    return [list(messages[:end]) for end in prefix_ends(messages)]
 
 
 def _turn_starts(messages: Sequence[Mapping[str, Any]]) -> list[int]:
@@ -559,29 +663,28 @@ def _turn_starts(messages: Sequence[Mapping[str, Any]]) -> list[int]:
 
 def fit_turns(
     messages: Sequence[Mapping[str, Any]],
-    encode,
+    encode: Callable[[list[int]], EncodedChat],
     max_len: int,
     *,
     last_turn: bool,
 ) -> list[EncodedChat] | None:
     """A conversation longer than `max_len` tokens cut at turn boundaries (never inside one).
 
-    `encode(messages)` tokenizes a list of messages. The messages before the first user turn
-    (system prompts) head every piece. With `last_turn` (an example that learns only its last
-    turn) the oldest turns are dropped until it fits: one piece, the answer and as much of its
-    history as fits. Otherwise the turns are grouped greedily into consecutive pieces that each
-    fit, so every assistant message is learned exactly once. None when a single turn (with the
-    head) does not fit: nothing of it can be learned without cutting inside an answer.
+    `encode(indices)` tokenizes the messages at those indices. The messages before the first
+    user turn (system prompts) head every piece. With `last_turn` (an example that learns only
+    its last turn) the oldest turns are dropped until it fits: one piece, the answer and as much
+    of its history as fits. Otherwise the turns are grouped greedily into consecutive pieces that
+    each fit, so every assistant message is learned exactly once. None when a single turn (with
+    the head) does not fit: nothing of it can be learned without cutting inside an answer.
     """
     starts = _turn_starts(messages)
     if not starts:
         return None
-    head = list(messages[: starts[0]])
-    bounds = [*starts, len(messages)]
-    turns = [list(messages[a:b]) for a, b in itertools.pairwise(bounds)]
+    head = list(range(starts[0]))
+    turns = [list(range(a, b)) for a, b in itertools.pairwise([*starts, len(messages)])]
     if last_turn:
         for first in range(1, len(turns)):
-            ex = encode(head + [m for t in turns[first:] for m in t])
+            ex = encode(head + [i for t in turns[first:] for i in t])
             if len(ex) <= max_len:
                 return [ex]
         return None
@@ -589,7 +692,7 @@ def fit_turns(
     while i < len(turns):
         best = None
         for j in range(i + 1, len(turns) + 1):  # the longest run of turns from i that fits
-            ex = encode(head + [m for t in turns[i:j] for m in t])
+            ex = encode(head + [k for t in turns[i:j] for k in t])
             if len(ex) > max_len:
                 break
             best = (j, ex)
@@ -608,8 +711,11 @@ def training_examples(
     *,
     tools: Sequence[Any] | None = None,
     split: bool | None = None,
+    train_on_prompt: bool = False,
+    mask_history: bool = False,
+    prompt_messages: int = 0,
     max_len: int | None = None,
-) -> list[EncodedChat]:
+) -> list[EncodedChat | SplitExamples]:
     """The SFT examples of one conversation.
 
     split: True — one example per user turn (`split_turns`), each learning only its last turn;
@@ -617,25 +723,55 @@ def training_examples(
       (kimi_k2_thinking, kimi_k25 with thinking). Without splitting, a stripping template learns
       only the last turn (earlier turns show no reasoning there); other templates learn every
       assistant message.
+    train_on_prompt: learn every token (LLaMA-Factory's flag); not with split turns, where each
+      turn's prompt would be learned once per later turn.
+    mask_history: learn only the last turn's answer (LLaMA-Factory's flag): one example, never
+      split.
+    prompt_messages: the first this many messages are the prompt (TRL prompt/completion).
     max_len: an example longer than this is cut at turn boundaries (`fit_turns`) and given as
       one `SplitExamples` of its pieces; when it cannot be (one turn is too long by itself) it
       stays as it is, for the caller to count as too long. None: never cut.
+    A per-turn example whose answer has weight 0 is left out (`check_conversation` makes sure
+    something is learned).
     """
     t = _as_template(template)
-    check_conversation(messages)
     if split is None:
         split = t.strips_history_reasoning
-    train_on = "last_turn" if split else "auto"
-    prefixes = split_turns(messages) if split else [list(messages)]
-    encode = functools.partial(
-        encode_chat, tokenizer=tokenizer, template=t, tools=tools, train_on=train_on
+    split = split and not mask_history
+    if train_on_prompt and split:
+        raise ValueError(
+            "train_on_prompt with split turns would learn each prompt once per later turn: "
+            "set split_turns=False (or mask_history)"
+        )
+    # Whether an example learns only its last turn (a stripping template's "auto" does too).
+    last_turn = split or mask_history or t.strips_history_reasoning
+    check_conversation(
+        messages,
+        train_on_prompt=train_on_prompt,
+        last_turn=last_turn and not split,
+        prompt_messages=prompt_messages,
     )
-    out = []
-    for prefix in prefixes:
-        ex = encode(prefix)
+    train_on = "last_turn" if last_turn else "all_assistant"
+
+    def encode(indices: list[int]) -> EncodedChat:
+        return encode_chat(
+            [messages[i] for i in indices],
+            tokenizer,
+            t,
+            tools=tools,
+            train_on=train_on,
+            train_on_prompt=train_on_prompt,
+            prompt=[i < prompt_messages for i in indices] if prompt_messages else None,
+        )
+
+    out: list[EncodedChat | SplitExamples] = []
+    for end in prefix_ends(messages) if split else [len(messages)]:
+        ex = encode(list(range(end)))
+        if not ex.loss_mask.any():  # this turn's answer has weight 0
+            continue
         if max_len is not None and len(ex) > max_len:
-            fitted = fit_turns(prefix, encode, max_len, last_turn=split)
-            if fitted is not None:
+            fitted = fit_turns(messages[:end], encode, max_len, last_turn=last_turn)
+            if fitted:
                 out.append(SplitExamples(fitted))
                 continue
         out.append(ex)

@@ -1,16 +1,22 @@
-"""SFT data: JSONL conversations -> packed, shuffled, sharded, resumable batches of token rows.
+"""SFT data: examples in any common form -> packed, shuffled, sharded, resumable token rows.
 
-**Input.** One conversation per line, in either of the two forms people have:
+**Input.** `data.path` is a file, a folder, several of them, or a LLaMA-Factory
+`dataset_info.json` with `data.dataset` naming entries (`k2jax.data.mixture`). Files are JSON
+lines, JSON arrays, CSV, Parquet or Arrow (`k2jax.data.readers`), each record one example in one
+of the forms people have (`k2jax.data.formats`): OpenAI `messages`, ShareGPT `conversations`,
+alpaca `instruction`/`input`/`output`, TRL `prompt`/`completion`, or plain `text`:
 
     {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
      "tools": [...]}                                               # OpenAI style
     {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}],
      "system": "...", "tools": [...]}                              # ShareGPT style
 
-OpenAI messages may carry `name`, `reasoning_content`, `tool_calls` and `tool_call_id` (see
-`k2jax.data.chat`). ShareGPT `from` is human/user, gpt/assistant, system, tool/observation
-(a tool result), or function_call (an assistant tool call whose value is `{"name", "arguments"}` or
-a list of them). `path` is one .jsonl file or a folder of them (sorted by name).
+OpenAI messages may carry `name`, `reasoning_content`, `tool_calls`, `tool_call_id`, and `weight`
+or `train` (see `k2jax.data.chat`). ShareGPT `from` is human/user, gpt/assistant, system,
+tool/observation (a tool result), or function_call (an assistant tool call whose value is
+`{"name", "arguments"}` or a list of them). What is learned: `data.train_on_prompt`,
+`data.mask_history` and the messages' weights (`k2jax.data.chat`); examples longer than a row:
+`data.overlong` (`k2jax.data.examples`).
 
 **Bad lines are never dropped silently.** Invalid UTF-8 or JSON, an unknown format or role, a
 malformed message, missing content (`chat.check_conversation` says what each role needs; a
@@ -26,11 +32,12 @@ the first bad line; with "skip" it logs them as the stream would and returns the
 (`DataCheck`). Rejected alternative: a dry run of the stream itself, which would find the long
 examples too, but costs a tokenizer and a full epoch of tokenizing before the first step.
 
-**Memory.** The file is never loaded. One pass builds a line index (file id, byte offset, line
-number per non-empty line: 20 bytes a line, 200 MB for ten million conversations); each epoch
-visits the lines in a permutation drawn from `(seed, epoch)`, reading each line by seek. Rejected
-alternative: a shuffle buffer. It needs no index, but shuffles only locally, and resuming would
-need the buffer's contents in the checkpoint.
+**Memory.** No file is ever loaded. One pass builds an index of each file's records (for JSON
+lines: byte offset and line number, 16-20 bytes a record, 200 MB for ten million conversations;
+`readers` for the other forms); each epoch visits the records in an order drawn from
+`(seed, epoch)` (`mixture.EpochOrder`), reading each by seek. Rejected alternative: a shuffle
+buffer. It needs no index, but shuffles only locally, and resuming would need the buffer's
+contents in the checkpoint.
 
 **Packing.** Each conversation becomes one or more examples (`chat.training_examples`; thinking
 templates give one per user turn). Examples are packed greedily in visiting order into rows of
@@ -63,9 +70,10 @@ counts. A row is closed only when the next example has been *looked at* and does
 looking does not consume it, so between batches no row is ever half-built: the next batch starts
 a fresh row at exactly that example. `PackedBatches(config, tokenizer, state=saved)` therefore
 continues with the same batches as an uninterrupted run. The state carries a fingerprint of the
-files and of the settings that shape the example stream (template, split, seed, shuffle), so
-resuming on changed data fails loudly instead of silently reading different lines; `batch_size`
-and the number of hosts may change across a resume.
+files and of the settings that shape the example stream (template, split, seed, shuffle, and
+each newer knob when it is not at its default, so older states still resume), so resuming on
+changed data fails loudly instead of silently reading different lines; `batch_size` and the
+number of hosts may change across a resume.
 """
 
 from __future__ import annotations
@@ -74,43 +82,29 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from k2jax.config import ConfigError, check_field_types
-from k2jax.data.chat import (
-    TEMPLATE_NAMES,
-    ChatFormatError,
-    EncodedChat,
-    SplitExamples,
-    check_conversation,
-    get_template,
-    training_examples,
-)
+from k2jax.data import examples as _examples
+from k2jax.data.chat import TEMPLATE_NAMES, EncodedChat, get_template
+from k2jax.data.examples import CUT, Example, ExampleSettings
+from k2jax.data.formats import RecordFormat
+from k2jax.data.mixture import EpochOrder, Source, describe, open_sources, settings_of
+from k2jax.data.mixture import fingerprint as _files_fingerprint
+from k2jax.data.readers import DataError, LineIndex
 from k2jax.data.tokenizer import KimiTokenizer
+
+__all__ = ["DataCheck", "DataConfig", "DataError", "LineIndex", "PackedBatches", "validate_data"]
 
 log = logging.getLogger(__name__)
 
 _STATE_VERSION = 1
-_LOG_FIRST_BAD = 10  # bad examples logged one by one per iterator or check; the rest counted
-
-
-class DataError(ValueError):
-    """A bad input line or example; the message starts with `file:line`.
-
-    where: "file:line" (or "file:line (turn k)"); reason: a short category ("invalid JSON",
-    "unknown role", "missing content", "no assistant turn", "too long", ...) used for the counts.
-    """
-
-    def __init__(self, where: str, reason: str, detail: str = ""):
-        super().__init__(f"{where}: {reason}" + (f": {detail}" if detail else ""))
-        self.where, self.reason = where, reason
+_LOG_FIRST_BAD = 10  # bad examples (and notes) logged one by one per iterator or check
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,23 +116,40 @@ class DataError(ValueError):
 class DataConfig:
     """The `data` section of a run config.
 
-    path: a .jsonl file or a folder of .jsonl files.
+    path: a data file or folder (.jsonl, .json, .csv, .parquet, .arrow), a list of them (mixed by
+      mix_strategy), or, with `dataset`, a dataset_info.json (or the folder holding it).
+    dataset: names in that dataset_info.json ("a,b" or a list), LLaMA-Factory's `dataset`.
+    formatting, columns, tags: how `path`'s records map to examples (LLaMA-Factory's
+      dataset_info.json keys; k2jax.data.formats); "auto" detects the form per record.
     template: the chat template, matching the model: kimi_k2, kimi_k2_thinking or kimi_k25.
     thinking: kimi_k25 only; False renders K2.5's instant (non-thinking) mode.
-    seq_len: tokens per packed row; longer examples are bad examples.
+    seq_len: tokens per packed row; longer examples follow `overlong`.
     batch_size: rows per step over all hosts (divisible by the number of hosts).
-    seed, shuffle: the epoch permutation of lines is drawn from (seed, epoch); shuffle=False
+    seed, shuffle: the epoch order of records is drawn from (seed, epoch); shuffle=False
       keeps file order.
     num_epochs: passes over the data; None repeats forever (the trainer counts steps).
     split_turns: one example per user turn; None does so where the template needs it.
+    train_on_prompt: learn the prompt tokens too (LLaMA-Factory's flag; not with split turns).
+    mask_history: learn only the last turn's answer (LLaMA-Factory's flag).
     overlong: an example longer than seq_len is "drop"ped as a bad example (counted, or raised
-      under on_bad_example="error"), or "split_turns": cut at turn boundaries into pieces that
-      fit (each with the system prompt; `chat.fit_turns`), counted as "cut at turns" in the
-      epoch summary; a single turn longer than seq_len is still dropped. Never cut inside a turn.
+      under on_bad_example="error"); "split_turns": cut at turn boundaries into pieces that fit
+      (each with the system prompt; `chat.fit_turns`; a plain text into seq_len pieces), a single
+      turn longer than seq_len still dropped; "truncate": LLaMA-Factory's cutoff_len rule (the
+      prompt loses its start, the answer its end, never all of it; k2jax.data.examples).
+      Counted in the epoch summary. Never cut inside an answer unless "truncate".
+    mix_strategy, interleave_probs: several datasets as one list ("concat") or interleaved by
+      probability until the first ("interleave_under") or last ("interleave_over") runs out.
+    val_size: the validation split: a fraction (< 1) or a count of each dataset's records, chosen
+      by a hash of the record number; the training stream never sees them.
+    strict: an unknown message key is a bad example ("unknown key") instead of a logged note.
     on_bad_example: "skip" (log, count, summarise) or "error" (raise at the first).
     """
 
-    path: str
+    path: str | tuple[str, ...]
+    dataset: str | tuple[str, ...] | None = None
+    formatting: Literal["auto", "alpaca", "sharegpt"] = "auto"
+    columns: dict[str, str] = dataclasses.field(default_factory=dict)
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
     template: str = "kimi_k2"
     thinking: bool = True
     seq_len: int = 4096
@@ -147,13 +158,19 @@ class DataConfig:
     shuffle: bool = True
     num_epochs: int | None = None
     split_turns: bool | None = None
-    overlong: Literal["drop", "split_turns"] = "drop"
+    train_on_prompt: bool = False
+    mask_history: bool = False
+    overlong: Literal["drop", "split_turns", "truncate"] = "drop"
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = "concat"
+    interleave_probs: tuple[float, ...] | None = None
+    val_size: float = 0.0
+    strict: bool = False
     on_bad_example: Literal["skip", "error"] = "skip"
 
     def __post_init__(self):
         check_field_types(self, "data")
         if not self.path:
-            raise ConfigError("data.path: must name a .jsonl file or a folder of them")
+            raise ConfigError("data.path: must name a data file or folder (or a list of them)")
         if self.template not in TEMPLATE_NAMES:
             raise ConfigError(
                 f"data.template: expected one of {', '.join(TEMPLATE_NAMES)}, got {self.template!r}"
@@ -168,131 +185,86 @@ class DataConfig:
             raise ConfigError(f"data.seed: must be >= 0, got {self.seed}")
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size: must be >= 1, got {self.batch_size}")
-        if self.overlong not in ("drop", "split_turns"):
-            raise ConfigError(
-                f"data.overlong: expected 'drop' or 'split_turns', got {self.overlong!r}"
-            )
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ConfigError(f"data.num_epochs: must be >= 1 or None, got {self.num_epochs}")
-
-
-# --------------------------------------------------------------------------------------------------
-# Parsing one line
-# --------------------------------------------------------------------------------------------------
-
-_SHAREGPT_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "system": "system",
-    "tool": "tool",
-    "observation": "tool",
-    "function_call": "assistant",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Conversation:
-    """A conversation in OpenAI form: `messages` as `chat` takes them, optional `tools`."""
-
-    messages: list[dict[str, Any]]
-    tools: list[Any] | None = None
-
-
-def parse_conversation(obj: Any, where: str) -> Conversation:
-    """Normalises one parsed JSONL object (OpenAI or ShareGPT form) to a Conversation."""
-    if not isinstance(obj, dict):
-        raise DataError(
-            where, "unknown format", f"expected a JSON object, got {type(obj).__name__}"
-        )
-    tools = obj.get("tools")
-    if isinstance(tools, str):  # some exports store the tool list as a JSON string
+        if self.val_size < 0 or (self.val_size >= 1 and self.val_size != int(self.val_size)):
+            raise ConfigError(
+                f"data.val_size: a fraction in [0, 1) or a whole count, got {self.val_size}"
+            )
+        if self.interleave_probs is not None and (
+            any(p < 0 for p in self.interleave_probs) or not sum(self.interleave_probs) > 0
+        ):
+            raise ConfigError("data.interleave_probs: must be >= 0 with a positive sum")
+        if self.interleave_probs is not None and self.mix_strategy == "concat":
+            raise ConfigError("data.interleave_probs: needs an interleave_* data.mix_strategy")
+        if self.train_on_prompt and self.mask_history:
+            raise ConfigError("data.mask_history and data.train_on_prompt exclude each other")
+        if self.train_on_prompt and self.settings().split:
+            raise ConfigError(
+                "data.train_on_prompt: with split turns (data.split_turns, or a thinking "
+                "template's default) each prompt would be learned once per later turn; set "
+                "data.split_turns = False"
+            )
         try:
-            tools = json.loads(tools) if tools.strip() else None
-        except json.JSONDecodeError as e:
-            raise DataError(
-                where, "invalid tools", f"'tools' is a string but not JSON: {e.msg}"
-            ) from None
-    if tools is not None and not isinstance(tools, list):
-        raise DataError(where, "invalid tools", "'tools' must be a list")
-    if "messages" in obj:
-        messages = obj["messages"]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise DataError(where, "unknown format", "'messages' must be a list of objects")
-        return Conversation([dict(m) for m in messages], tools or None)
-    if "conversations" in obj:
-        return Conversation(_from_sharegpt(obj, where), tools or None)
-    raise DataError(
-        where, "unknown format", "expected a 'messages' (OpenAI) or 'conversations' (ShareGPT) key"
-    )
+            self.record_format()
+        except ValueError as e:
+            raise ConfigError(f"data: {e}") from None
+
+    def record_format(self) -> RecordFormat:
+        return RecordFormat(self.formatting, dict(self.columns), dict(self.tags), self.strict)
+
+    def settings(self) -> ExampleSettings:
+        """What shapes the examples (k2jax.data.examples)."""
+        t = get_template(self.template, thinking=self.thinking)
+        split = t.strips_history_reasoning if self.split_turns is None else self.split_turns
+        return ExampleSettings(
+            t,
+            split and not self.mask_history,
+            self.train_on_prompt,
+            self.mask_history,
+            self.seq_len,
+            self.overlong,
+        )
+
+    def for_path(self, path: str | tuple[str, ...], **changes) -> DataConfig:
+        """These settings for other data (eval.path): no dataset_info names, mixture or split."""
+        keep = {"dataset": None, "mix_strategy": "concat", "interleave_probs": None}
+        return dataclasses.replace(self, path=path, val_size=0.0, **{**keep, **changes})
 
 
-def _from_sharegpt(obj: dict, where: str) -> list[dict[str, Any]]:
-    turns = obj["conversations"]
-    if not isinstance(turns, list):
-        raise DataError(where, "unknown format", "'conversations' must be a list")
-    messages: list[dict[str, Any]] = []
-    if isinstance(obj.get("system"), str) and obj["system"]:
-        messages.append({"role": "system", "content": obj["system"]})
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise DataError(where, "unknown format", f"conversations[{i}] must be an object")
-        source = turn.get("from")
-        role = _SHAREGPT_ROLES.get(source) if isinstance(source, str) else None
-        if role is None:
-            raise DataError(
-                where,
-                "unknown role",
-                f"conversations[{i}].from = {source!r} (expected one of "
-                f"{', '.join(_SHAREGPT_ROLES)})",
-            )
-        value = turn.get("value")
-        if value is None:
-            state = "null" if "value" in turn else "missing"
-            raise DataError(
-                where,
-                "missing content",
-                f'conversations[{i}].value is {state} (write "" for an empty message)',
-            )
-        if source == "function_call":
-            calls = value
-            if isinstance(value, str):
-                try:
-                    calls = json.loads(value)
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        where, "invalid message", f"conversations[{i}] function_call: {e.msg}"
-                    ) from None
-            calls = calls if isinstance(calls, list) else [calls]
-            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
-            continue
-        if not isinstance(value, str):
-            raise DataError(where, "invalid message", f"conversations[{i}].value must be a string")
-        message: dict[str, Any] = {"role": role, "content": value}
-        for key in ("name", "tool_call_id", "reasoning_content"):
-            if key in turn:
-                message[key] = turn[key]
-        messages.append(message)
-    return messages
+def _describe_path(path: str | tuple[str, ...]) -> str:
+    return path if isinstance(path, str) else ", ".join(path)
 
 
-def _parse_line(line: str, where: str) -> Conversation:
+# --------------------------------------------------------------------------------------------------
+# One JSON line (kept for callers and tests that hold a line)
+# --------------------------------------------------------------------------------------------------
+
+
+def _line_examples(line: str, where: str, settings: ExampleSettings, tokenizer) -> list[Example]:
+    parsed = RecordFormat().parse(_parse_json(line, where), where)
+    return _examples.examples(parsed, where, tokenizer, settings)
+
+
+def _parse_json(line: str, where: str) -> Any:
     try:
-        obj = json.loads(line)
+        return json.loads(line)
     except json.JSONDecodeError as e:
         raise DataError(where, "invalid JSON", f"{e.msg} at column {e.colno}") from None
-    return parse_conversation(obj, where)
+
+
+def _settings(template, thinking, split_turns, max_len=None) -> ExampleSettings:
+    t = get_template(template, thinking=thinking)
+    split = t.strips_history_reasoning if split_turns is None else split_turns
+    overlong = "split_turns" if max_len is not None else "drop"
+    return ExampleSettings(t, split, seq_len=max_len, overlong=overlong)
 
 
 def check_line(line: str, where: str) -> None:
     """Raises the DataError that `conversation_examples` would raise for `line`, except "too
-    long": the same parsing and `chat.check_conversation`, without a tokenizer."""
-    conv = _parse_line(line, where)
-    try:
-        check_conversation(conv.messages)
-    except ChatFormatError as e:
-        raise DataError(where, e.reason, str(e)) from None
+    long": the same parsing and checks, without a tokenizer."""
+    parsed = RecordFormat().parse(_parse_json(line, where), where)
+    _examples.check(parsed, where, _settings("kimi_k2", True, None))
 
 
 def conversation_examples(
@@ -304,11 +276,9 @@ def conversation_examples(
     thinking: bool = True,
     split_turns: bool | None = None,
 ) -> list[tuple[EncodedChat, str]]:
-    """The tokenized training examples of one JSONL line, each with its `file:line (turn k)`."""
-    examples, _ = cut_examples(
-        line, where, tokenizer, template, thinking=thinking, split_turns=split_turns
-    )
-    return examples
+    """The tokenized training examples of one JSON line, each with its `file:line (turn k)`."""
+    s = _settings(template, thinking, split_turns)
+    return [(e.chat, e.where) for e in _line_examples(line, where, s, tokenizer)]
 
 
 def cut_examples(
@@ -324,107 +294,10 @@ def cut_examples(
     """`conversation_examples`, with examples longer than `max_len` cut at turn boundaries
     (data.overlong = "split_turns", `chat.fit_turns`); also returns the indices (into the
     list) of the first piece of each cut example."""
-    conv = _parse_line(line, where)
-    try:
-        examples = training_examples(
-            conv.messages,
-            tokenizer,
-            get_template(template, thinking=thinking),
-            tools=conv.tools,
-            split=split_turns,
-            max_len=max_len,
-        )
-    except ChatFormatError as e:
-        raise DataError(where, e.reason, str(e)) from None
-    out, firsts = [], set()
-    for k, ex in enumerate(examples):
-        at = where if len(examples) == 1 else f"{where} (turn {k + 1})"
-        if isinstance(ex, SplitExamples):
-            firsts.add(len(out))
-            n = len(ex.pieces)
-            out += [(p, f"{at} (piece {i + 1} of {n})") for i, p in enumerate(ex.pieces)]
-        else:
-            out.append((ex, at))
-    return out, frozenset(firsts)
-
-
-# --------------------------------------------------------------------------------------------------
-# Line index
-# --------------------------------------------------------------------------------------------------
-
-
-class LineIndex:
-    """Byte offsets of the non-empty lines of one or more JSONL files, for random access."""
-
-    _CHUNK = 1 << 24
-
-    def __init__(self, files: list[Path], file_ids, offsets, line_numbers):
-        self.files = files
-        self.file_ids = np.asarray(file_ids, np.int32)
-        self.offsets = np.asarray(offsets, np.int64)
-        self.line_numbers = np.asarray(line_numbers, np.int64)
-        self._handles: dict[int, Any] = {}
-
-    @classmethod
-    def build(cls, path: str | os.PathLike) -> LineIndex:
-        path = Path(path)
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.suffix == ".jsonl" and p.is_file())
-            if not files:
-                raise DataError(str(path), "no data", "the folder has no .jsonl files")
-        elif path.is_file():
-            files = [path]
-        else:
-            raise DataError(str(path), "no data", "not found (data.path)")
-        ids, offs, nums = [], [], []
-        for fid, file in enumerate(files):
-            starts = cls._line_starts(file)
-            ends = np.append(starts[1:], file.stat().st_size)
-            # A line that is only "\n" has length 1; drop it (and the phantom line after a final
-            # newline, which has length 0). Other blank lines are skipped when read.
-            keep = np.flatnonzero(ends - starts > 1)
-            ids.append(np.full(len(keep), fid, np.int32))
-            offs.append(starts[keep])
-            nums.append(keep + 1)
-        return cls(files, np.concatenate(ids), np.concatenate(offs), np.concatenate(nums))
-
-    @classmethod
-    def _line_starts(cls, file: Path) -> np.ndarray:
-        starts = [np.zeros(1, np.int64)]
-        base = 0
-        with file.open("rb") as f:
-            while chunk := f.read(cls._CHUNK):
-                newlines = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10)
-                starts.append(newlines.astype(np.int64) + base + 1)
-                base += len(chunk)
-        return np.concatenate(starts)
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def where(self, i: int) -> str:
-        return f"{self.files[self.file_ids[i]]}:{self.line_numbers[i]}"
-
-    def read(self, i: int) -> str:
-        fid = int(self.file_ids[i])
-        if fid not in self._handles:
-            self._handles[fid] = self.files[fid].open("rb")
-        f = self._handles[fid]
-        f.seek(int(self.offsets[i]))
-        raw = f.readline()
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(self.where(i), "invalid UTF-8", str(e)) from None
-
-    def fingerprint(self) -> str:
-        sizes = [(p.name, p.stat().st_size) for p in self.files]
-        return hashlib.sha256(json.dumps([sizes, len(self)]).encode()).hexdigest()[:16]
-
-    def close(self) -> None:
-        for f in self._handles.values():
-            f.close()
-        self._handles.clear()
+    s = _settings(template, thinking, split_turns, max_len)
+    out = _line_examples(line, where, s, tokenizer)
+    firsts = frozenset(k for k, e in enumerate(out) if CUT in e.notes)
+    return [(e.chat, e.where) for e in out], firsts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -438,8 +311,9 @@ _PROGRESS_MIN_LINES = 10_000  # no progress bar below this many lines (the check
 class DataCheck:
     """What `validate_data` found in `path`.
 
-    lines: the non-blank lines read; skipped: bad lines by reason (the stream will skip exactly
-    these, plus any example longer than data.seq_len); first_bad: the first few of them.
+    lines: the non-blank records read; skipped: bad records by reason (the stream will skip
+    exactly these, plus any example longer than data.seq_len); first_bad: the first few of them;
+    notes: what the stream will log and count without skipping (unknown message keys, ...).
     """
 
     path: str
@@ -447,6 +321,7 @@ class DataCheck:
     skipped: dict[str, int]
     first_bad: tuple[DataError, ...]
     seconds: float
+    notes: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def usable(self) -> int:
@@ -457,77 +332,125 @@ class DataCheck:
         if self.skipped:
             reasons = ", ".join(f"{r}: {n:,}" for r, n in sorted(self.skipped.items()))
             text += f", {sum(self.skipped.values()):,} will be skipped ({reasons})"
+        if self.notes:
+            text += ", notes (" + ", ".join(f"{r}: {n:,}" for r, n in sorted(self.notes.items()))
+            text += ")"
         return text + f" ({self.path}, {self.seconds:.1f} s)"
 
 
+class _Notices:
+    """Logs the first few bad records and notes one by one, then only counts them; warns once per
+    dataset about a column its records' form does not use."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.logged, self._unused = prefix, 0, set()
+
+    def say(self, text: str) -> None:
+        self.logged += 1
+        if self.logged <= _LOG_FIRST_BAD:
+            log.warning("%s%s", self.prefix, text)
+            if self.logged == _LOG_FIRST_BAD:
+                log.warning("%sfurther bad lines are only counted (notes too)", self.prefix)
+
+    def unused(self, source: Source, columns: tuple[str, ...], where: str) -> None:
+        for c in columns:
+            if (source.name, c) not in self._unused:
+                self._unused.add((source.name, c))
+                log.warning(
+                    "%s%s: column %r is not used by its record's form (first at %s)",
+                    self.prefix,
+                    source.name,
+                    c,
+                    where,
+                )
+
+
 def validate_data(config: DataConfig, *, progress: bool | None = None) -> DataCheck:
-    """One cheap pass over every line of `config.path`, before anything expensive.
+    """One cheap pass over every record of `config.path`, before anything expensive.
 
-    Each non-blank line goes through the stream's own checks (`check_line`) short of tokenizing:
-    UTF-8, JSON, a known format, roles, message fields, content, tool calls and results, an
-    assistant message. With `on_bad_example="error"` the first bad line is raised as a DataError
+    Each non-blank record goes through the stream's own checks short of tokenizing: UTF-8, JSON,
+    a known form, roles, message fields, content, tool calls and results, weights, an answer to
+    learn. With `on_bad_example="error"` the first bad record is raised as a DataError
     ("file:line: reason: detail"); with "skip" the first few are logged one by one, all are
-    counted by reason and the counts logged. A file without one good line is an error either way.
+    counted by reason and the counts logged. Data without one good record is an error either way.
+    Notes (unknown message keys) are logged and counted alike; with data.strict they are bad.
     The stream is not touched: its batches and resume fingerprint are the same with or without a
-    check. Lines are read through a `LineIndex` (the file is never loaded).
+    check. Records are read through the readers' indexes (no file is loaded). Every record of
+    every dataset is checked, validation records (data.val_size) included.
 
-    progress: a tqdm bar on stderr for inputs of 10,000 lines or more; None shows it only when
+    progress: a tqdm bar on stderr for inputs of 10,000 records or more; None shows it only when
     stderr is a terminal.
 
     A function of the config rather than a `PackedBatches` method: it needs no tokenizer, so a
     trainer can run it before loading one (or a model), and a command can run it alone. (It
-    builds its own line index; that is a small part of its time.)
+    builds its own indexes; that is a small part of its time.)
 
-    Speed: ~21,000 lines/s of CPU time (~24 MB/s) on a generated 200,000-line, 230 MB file of
-    1-3 turn chats (OpenAI with reasoning, with tool calls, ShareGPT): 9.3 s of CPU, 10-15 s of
-    wall time on one core of a shared 2-core VM; a third of it is `json.loads`. Ten million such
-    lines would take ~8 minutes there; a terabyte model takes longer to load.
+    Speed: ~21,000 lines/s of CPU time (~24 MB/s) on a generated 200,000-line, 230 MB JSONL file
+    of 1-3 turn chats (OpenAI with reasoning, with tool calls, ShareGPT): 9.3 s of CPU, 10-15 s
+    of wall time on one core of a shared 2-core VM; a third of it is `json.loads`. Ten million
+    such lines would take ~8 minutes there; a terabyte model takes longer to load.
     """
     start = time.perf_counter()
-    index = LineIndex.build(config.path)
-    if not len(index):
-        raise DataError(config.path, "no data", "no non-empty lines")
-    show = len(index) >= _PROGRESS_MIN_LINES and (
+    sources = open_sources(dataclasses.replace(config, val_size=0.0))  # every record
+    settings = config.settings()
+    total = sum(len(s) for s in sources)
+    show = total >= _PROGRESS_MIN_LINES and (
         progress if progress is not None else sys.stderr.isatty()
     )
     bar = None
     if show:
         from tqdm.auto import tqdm
 
-        bar = tqdm(
-            total=len(index), desc="data check", unit="line", unit_scale=True, file=sys.stderr
-        )
-    blank, skipped, first_bad = 0, {}, []
+        bar = tqdm(total=total, desc="data check", unit="line", unit_scale=True, file=sys.stderr)
+    blank, skipped, notes, first_bad = 0, {}, {}, []
+    say = _Notices("data check: ")
+    done = 0
     try:
-        for i in range(len(index)):
-            if bar is not None and i % 4096 == 4095:
-                bar.update(4096)
-            try:
-                text = index.read(i)
-                if not text.strip():  # as in the stream: a blank line is no example
-                    blank += 1
+        for source in sources:
+            for i in range(len(source)):
+                done += 1
+                if bar is not None and done % 4096 == 0:
+                    bar.update(4096)
+                where = source.records.where(i)
+                try:
+                    obj = source.records.read(i)
+                    if obj is None:  # as in the stream: a blank line is no example
+                        blank += 1
+                        continue
+                    parsed = source.format.parse(obj, where)
+                    _examples.check(parsed, where, settings)
+                except DataError as e:
+                    if config.on_bad_example == "error":
+                        raise
+                    skipped[e.reason] = skipped.get(e.reason, 0) + 1
+                    if len(first_bad) < _LOG_FIRST_BAD:
+                        first_bad.append(e)
+                    say.say(f"bad line, will be skipped: {e}")
                     continue
-                check_line(text, index.where(i))
-            except DataError as e:
-                if config.on_bad_example == "error":
-                    raise
-                skipped[e.reason] = skipped.get(e.reason, 0) + 1
-                if len(first_bad) < _LOG_FIRST_BAD:
-                    first_bad.append(e)
-                    log.warning("data check: bad line, will be skipped: %s", e)
-                elif sum(skipped.values()) == _LOG_FIRST_BAD + 1:
-                    log.warning("data check: further bad lines are only counted")
+                say.unused(source, parsed.unused, where)
+                for note in parsed.notes:
+                    notes[note] = notes.get(note, 0) + 1
+                    say.say(f"{where}: {note}")
         if bar is not None:
-            bar.update(len(index) - bar.n)
+            bar.update(total - bar.n)
     finally:
         if bar is not None:
             bar.close()
-        index.close()
-    lines = len(index) - blank
-    check = DataCheck(config.path, lines, skipped, tuple(first_bad), time.perf_counter() - start)
+        for s in sources:
+            s.records.close()
+    check = DataCheck(
+        _describe_path(config.path),
+        total - blank,
+        skipped,
+        tuple(first_bad),
+        time.perf_counter() - start,
+        notes,
+    )
+    if not check.lines:
+        raise DataError(check.path, "no data", "no non-empty lines")
     if not check.usable:
-        raise DataError(config.path, "no usable examples", check.summary())
-    if skipped:
+        raise DataError(check.path, "no usable examples", check.summary())
+    if skipped or notes:
         log.warning("%s", check.summary())
     else:
         log.info("%s", check.summary())
@@ -544,19 +467,22 @@ class _Cursor:
     """A point in the example stream, with the counts of the current epoch up to it."""
 
     epoch: int = 0
-    position: int = 0  # index into the epoch's visiting order of lines
-    sub: int = 0  # example within that line (turns)
+    position: int = 0  # index into the epoch's visiting order of records
+    sub: int = 0  # example within that record (turns, pieces)
     examples: int = 0  # usable examples consumed in this epoch
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> count
-    cut: int = 0  # over-long examples cut at turn boundaries (data.overlong = "split_turns")
+    notes: dict[str, int] = dataclasses.field(default_factory=dict)  # note -> count
 
 
 class PackedBatches(Iterator[dict[str, np.ndarray]]):
     """Iterator of packed SFT batches for this host (see the module docstring).
 
     Each batch: dict of numpy arrays [batch_size // process_count, seq_len] — tokens, targets,
-    segment_ids, positions (int32) and loss_mask (float32). Iteration ends after `num_epochs`
-    (the last batch padded with empty rows) or never if `num_epochs` is None.
+    segment_ids, positions (int32) and loss_mask (float32: each learned token's weight, 1.0 unless
+    a message says otherwise). Iteration ends after `num_epochs` (the last batch padded with
+    empty rows) or never if `num_epochs` is None.
+
+    split: "train", or "validation" — the records data.val_size set aside, in file order.
     """
 
     def __init__(
@@ -567,6 +493,7 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
         process_index: int = 0,
         process_count: int = 1,
         state: Mapping[str, Any] | None = None,
+        split: Literal["train", "validation"] = "train",
     ):
         if process_count < 1 or not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
@@ -575,26 +502,21 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
                 f"data.batch_size ({config.batch_size}) must be divisible by the number of "
                 f"hosts ({process_count})"
             )
+        if split == "validation" and not config.val_size:
+            raise ConfigError("a validation split needs data.val_size > 0")
         self.config = config
+        self.split = split
         self._tokenizer = tokenizer
         self._rows_per_host = config.batch_size // process_count
         self._first_row = process_index * self._rows_per_host
-        self._template = get_template(config.template, thinking=config.thinking)
-        self._split = (
-            self._template.strips_history_reasoning
-            if config.split_turns is None
-            else config.split_turns
-        )
-        self._index = LineIndex.build(config.path)
-        if not len(self._index):
-            raise DataError(config.path, "no data", "no non-empty lines")
+        self._settings = config.settings()
+        self._sources = open_sources(config, split)
+        self._order = EpochOrder(self._sources, config, validation=split == "validation")
         self._fingerprint = self._make_fingerprint()
         self._cursor = _Cursor()
         self._batches = 0
-        self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation)
-        self._line: tuple[tuple[int, int], list | DataError] | None = None
-        self._line_cut: frozenset[int] = frozenset()  # first pieces of cut examples in _line
-        self._logged_bad = 0
+        self._record: tuple[tuple[int, int], list[Example] | DataError] | None = None
+        self._say = _Notices("data: ")
         self.last_epoch_summary: str | None = None  # summary() of the last finished epoch
         if state is not None:
             self._restore(state)
@@ -602,11 +524,24 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
     # State -------------------------------------------------------------------------------------
     def _make_fingerprint(self) -> str:
         c = self.config
-        settings = [c.template, c.thinking, self._split, c.seed, c.shuffle]
-        if c.overlong != "drop":  # (appended only when set: earlier states still resume)
+        settings: list[Any] = [c.template, c.thinking, self._settings.split, c.seed, c.shuffle]
+        # Appended only when set, so states saved before these knobs existed still resume.
+        if c.overlong != "drop":
             settings.append(c.overlong)
+        extra = settings_of(c) | {
+            k: v
+            for k, v in [
+                ("train_on_prompt", c.train_on_prompt),
+                ("mask_history", c.mask_history),
+                ("strict", c.strict),
+                ("split", self.split != "train" and self.split),
+            ]
+            if v
+        }
+        if extra:
+            settings.append(extra)
         return (
-            f"{self._index.fingerprint()}-"
+            f"{_files_fingerprint(self._sources)}-"
             + hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:8]
         )
 
@@ -621,20 +556,23 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
             "sub": c.sub,
             "examples": c.examples,
             "skipped": dict(c.skipped),
-            "cut": c.cut,
+            "notes": dict(c.notes),
             "batches": self._batches,
         }
 
     def _restore(self, state: Mapping[str, Any]) -> None:
         try:
             version, fingerprint = state["version"], state["fingerprint"]
+            notes = {str(k): int(v) for k, v in dict(state.get("notes", {})).items()}
+            if state.get("cut"):  # states saved when the only note was this count
+                notes[CUT] = int(state["cut"])
             cursor = _Cursor(
                 int(state["epoch"]),
                 int(state["position"]),
                 int(state["sub"]),
                 int(state["examples"]),
                 {str(k): int(v) for k, v in dict(state["skipped"]).items()},
-                int(state.get("cut", 0)),  # absent in states saved before data.overlong
+                notes,
             )
             batches = int(state["batches"])
         except (KeyError, TypeError, ValueError) as e:
@@ -644,10 +582,11 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
         if fingerprint != self._fingerprint:
             raise ValueError(
                 f"the data state was saved for other data or settings (fingerprint {fingerprint}, "
-                f"now {self._fingerprint}): {self.config.path} or data.template/thinking/"
-                "split_turns/overlong/seed/shuffle changed since the checkpoint"
+                f"now {self._fingerprint}): {_describe_path(self.config.path)} or data.template/"
+                "thinking/split_turns/overlong/seed/shuffle (or another data knob) changed since "
+                "the checkpoint"
             )
-        if not 0 <= cursor.position <= len(self._index):
+        if not 0 <= cursor.position <= self._order.length:
             raise ValueError(f"data state position {cursor.position} is beyond the data")
         self._cursor, self._batches = cursor, batches
 
@@ -656,62 +595,50 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
         return self._batches
 
     # Example stream ----------------------------------------------------------------------------
-    def _line_at(self, epoch: int, position: int) -> int:
-        if not self.config.shuffle:
-            return position
-        if self._order is None or self._order[0] != epoch:
-            rng = np.random.default_rng([self.config.seed, epoch])
-            self._order = (epoch, rng.permutation(len(self._index)))
-        return int(self._order[1][position])
-
-    def _line_examples(self) -> list[tuple[EncodedChat, str]] | DataError:
+    def _record_examples(self) -> list[Example] | DataError:
         key = (self._cursor.epoch, self._cursor.position)
-        if self._line is None or self._line[0] != key:
-            i = self._line_at(*key)
-            where = self._index.where(i)
+        if self._record is None or self._record[0] != key:
+            d, i = self._order.at(*key)
+            source = self._sources[d]
+            where = source.records.where(i)
+            value: list[Example] | DataError = []
             try:
-                text = self._index.read(i)
-                value: list | DataError = []
-                firsts: frozenset[int] = frozenset()
-                if text.strip():
-                    value, firsts = cut_examples(
-                        text,
-                        where,
-                        self._tokenizer,
-                        self.config.template,
-                        thinking=self.config.thinking,
-                        split_turns=self._split,
-                        max_len=self.config.seq_len
-                        if self.config.overlong == "split_turns"
-                        else None,
-                    )
-                self._line_cut = firsts
+                obj = source.records.read(i)
+                if obj is not None:  # None: a blank line, no example
+                    parsed = source.format.parse(obj, where)
+                    self._say.unused(source, parsed.unused, where)
+                    value = _examples.examples(parsed, where, self._tokenizer, self._settings)
             except DataError as e:
                 value = e
-            self._line = (key, value)
-        return self._line[1]
+            self._record = (key, value)
+        return self._record[1]
 
     def _bad(self, error: DataError) -> None:
         if self.config.on_bad_example == "error":
             raise error
         skipped = self._cursor.skipped
         skipped[error.reason] = skipped.get(error.reason, 0) + 1
-        self._logged_bad += 1
-        if self._logged_bad <= _LOG_FIRST_BAD:
-            log.warning("skipping bad example %s", error)
-            if self._logged_bad == _LOG_FIRST_BAD:
-                log.warning("further bad examples are counted in the epoch summary only")
+        self._say.say(f"skipping bad example {error}")
 
-    def _peek(self) -> tuple[EncodedChat, str] | None:
+    def _pass(self, example: Example) -> None:
+        """Moves past `example` (packed or skipped), counting its notes."""
+        c = self._cursor
+        for note in example.notes:
+            c.notes[note] = c.notes.get(note, 0) + 1
+            if not note.endswith("(data.overlong)"):  # the summary says those
+                self._say.say(f"{example.where}: {note}")
+        c.sub += 1
+
+    def _peek(self) -> Example | None:
         """The next usable example (not consumed), skipping bad ones; None after the last epoch."""
         while True:
             c = self._cursor  # replaced at an epoch end
             if self.config.num_epochs is not None and c.epoch >= self.config.num_epochs:
                 return None
-            if c.position >= len(self._index):
+            if c.position >= self._order.length:
                 self._end_epoch()
                 continue
-            examples = self._line_examples()
+            examples = self._record_examples()
             if isinstance(examples, DataError):
                 self._bad(examples)
                 c.position, c.sub = c.position + 1, 0
@@ -719,35 +646,39 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
             if c.sub >= len(examples):
                 c.position, c.sub = c.position + 1, 0
                 continue
-            example, where = examples[c.sub]
-            if len(example) > self.config.seq_len:
+            example = examples[c.sub]
+            if len(example.chat) > self.config.seq_len:
                 self._bad(
                     DataError(
-                        where,
+                        example.where,
                         "too long",
-                        f"{len(example)} tokens > data.seq_len {self.config.seq_len}",
+                        f"{len(example.chat)} tokens > data.seq_len {self.config.seq_len}",
                     )
                 )
-                c.sub += 1
+                self._pass(example)
                 continue
-            return example, where
+            return example
 
     def _end_epoch(self) -> None:
         c = self._cursor
         if c.examples == 0:
             raise DataError(
-                self.config.path, "no usable examples", f"epoch {c.epoch}: {self.summary()}"
+                _describe_path(self.config.path),
+                "no usable examples",
+                f"epoch {c.epoch}: {self.summary()}",
             )
         self.last_epoch_summary = self.summary()
         log.info("data: %s", self.last_epoch_summary)
         self._cursor = _Cursor(epoch=c.epoch + 1)
 
     def summary(self) -> str:
-        """Counts of the current epoch so far: usable examples and skipped ones by reason."""
+        """Counts of the current epoch so far: usable examples, notes (over-long examples cut
+        or truncated, unknown keys) and skipped ones by reason."""
         c = self._cursor
-        text = f"epoch {c.epoch} of {self.config.path}: {c.examples} examples"
-        if c.cut:
-            text += f", {c.cut} over-long cut at turns into pieces (data.overlong)"
+        what = describe(self._sources) + (" (validation)" if self.split != "train" else "")
+        text = f"epoch {c.epoch} of {what}: {c.examples} examples"
+        for note, n in sorted(c.notes.items()):
+            text += f", {n} {note}"
         if c.skipped:
             reasons = ", ".join(f"{r}: {n}" for r, n in sorted(c.skipped.items()))
             text += f", {sum(c.skipped.values())} skipped ({reasons})"
@@ -761,15 +692,12 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
         """
         row: list[EncodedChat] = []
         used = 0
-        while (item := self._peek()) is not None:
-            example = item[0]
-            if used + len(example) > self.config.seq_len:
+        while (example := self._peek()) is not None:
+            if used + len(example.chat) > self.config.seq_len:
                 break
-            row.append(example)
-            used += len(example)
-            if self._cursor.sub in self._line_cut:  # counted once, at its first piece
-                self._cursor.cut += 1
-            self._cursor.sub += 1
+            row.append(example.chat)
+            used += len(example.chat)
+            self._pass(example)
             self._cursor.examples += 1
         return row or None
 
@@ -802,7 +730,7 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
                 n = len(ex)
                 tokens[r, o : o + n] = ex.tokens
                 targets[r, o : o + n - 1] = ex.tokens[1:]
-                loss_mask[r, o : o + n - 1] = ex.loss_mask[1:]
+                loss_mask[r, o : o + n - 1] = ex.loss_weights[1:]
                 segment_ids[r, o : o + n] = k + 1
                 positions[r, o : o + n] = np.arange(n)
                 o += n
@@ -815,7 +743,8 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
         }
 
     def close(self) -> None:
-        self._index.close()
+        for s in self._sources:
+            s.records.close()
 
 
 def packed_batches(
@@ -825,8 +754,14 @@ def packed_batches(
     process_index: int = 0,
     process_count: int = 1,
     state: Mapping[str, Any] | None = None,
+    split: Literal["train", "validation"] = "train",
 ) -> PackedBatches:
     """`PackedBatches(...)`: the batches of `config` for one host, optionally resumed from `state`."""
     return PackedBatches(
-        config, tokenizer, process_index=process_index, process_count=process_count, state=state
+        config,
+        tokenizer,
+        process_index=process_index,
+        process_count=process_count,
+        state=state,
+        split=split,
     )

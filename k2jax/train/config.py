@@ -139,8 +139,9 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """The `eval` section: loss on a held-out JSONL file every `every` steps (0 = never), over at
-    most `batches` batches of data.batch_size rows (the data section's template and seq_len)."""
+    """The `eval` section: loss on held-out data (eval.path, else the data.val_size split) every
+    `every` steps (0 = never), over at most `batches` batches of data.batch_size rows (the data
+    section's template and seq_len)."""
 
     path: str | None = None
     every: int = 0
@@ -150,8 +151,6 @@ class EvalConfig:
         check_field_types(self, "eval")
         if self.every < 0 or self.batches < 1:
             raise ConfigError("eval.every must be >= 0 and eval.batches >= 1")
-        if self.every and self.path is None:
-            raise ConfigError("eval.every > 0 needs eval.path (a held-out .jsonl file or folder)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +240,12 @@ class RunConfig:
     ) -> RunConfig:
         """Reads config files (gin syntax) and `section.key=value` overrides."""
         return cls(**load_config(files, SECTIONS, overrides))
+
+    def __post_init__(self):
+        if self.eval.every and self.eval.path is None and not self.data.val_size:
+            raise ConfigError(
+                "eval.every > 0 needs eval.path (held-out data) or data.val_size (a split)"
+            )
 
     def replace(self, **changes: dict[str, Any]) -> RunConfig:
         """A copy with some fields changed per section: `cfg.replace(train={"steps": 10})`."""

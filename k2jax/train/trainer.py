@@ -306,9 +306,9 @@ class Trainer:
 
     def _data_config(self, path: str | None = None, **changes):
         data = self.config.data
-        return dataclasses.replace(
-            data, path=resolve_data_path(path if path is not None else data.path), **changes
-        )
+        if path is not None:  # other data (eval.path): no dataset names, mixture or val split
+            return data.for_path(resolve_data_path(path), **changes)
+        return dataclasses.replace(data, path=resolve_data_path(data.path), **changes)
 
     def _check_resumable(self) -> None:
         """Refuses to resume a run whose architecture or adapter layout changed."""
@@ -593,10 +593,11 @@ class Trainer:
 
     # Evaluation and checkpoints -----------------------------------------------------------------
     def evaluate(self) -> dict | None:
-        """Mean loss over up to eval.batches batches of eval.path (None without eval.path)."""
+        """Mean loss over up to eval.batches batches of eval.path, or else of the validation
+        records data.val_size sets aside (None with neither)."""
         self.setup()
         cfg = self.config
-        if cfg.eval.path is None:
+        if cfg.eval.path is None and not cfg.data.val_size:
             return None
         from k2jax.data import PackedBatches
 
@@ -605,6 +606,7 @@ class Trainer:
             self.tokenizer,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            split="train" if cfg.eval.path is not None else "validation",
         )
         total = {"loss_sum": 0.0, "z_loss_sum": 0.0, "count": 0.0}
         for _, host_batch in zip(range(cfg.eval.batches), data):
