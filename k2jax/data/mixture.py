@@ -43,12 +43,12 @@ import numpy as np
 from k2jax.data.formats import RecordFormat
 from k2jax.data.readers import DataError, Records
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_GOLDEN = 0x9E3779B97F4A7C15
 
 
 def _hash(x: np.ndarray, salt: int) -> np.ndarray:
     """splitmix64 of x + salt·φ: uint64, uniform, fixed across numpy versions (wrapping math)."""
-    z = x.astype(np.uint64) + np.uint64(salt + 1) * _GOLDEN
+    z = x.astype(np.uint64) + np.uint64((salt + 1) * _GOLDEN % 2**64)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return z ^ (z >> np.uint64(31))
