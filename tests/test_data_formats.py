@@ -399,3 +399,16 @@ def test_text_record_type_is_checked():
     with pytest.raises(DataError, match=r"w: invalid message: 'text' must be a string"):
         RecordFormat().parse({"text": 3}, "w")
     assert RecordFormat().parse({"text": "x"}, "w").example == Text("x")
+
+
+def test_csv_cells_decode_json_and_empty_cells_are_absent(tmp_path, tok):
+    path = tmp_path / "d.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["instruction", "input", "output", "history"])
+        w.writerow(["Add", "", "5", ""])
+        w.writerow(["Add", "2 and 3", "5", json.dumps([["Hi", "Hello"]])])
+    it = PackedBatches(cfg(path, shuffle=False, num_epochs=1, batch_size=1), tok)
+    first, second = (tok.decode(s) for s in segments(list(it)))
+    assert "<|im_user|>user<|im_middle|>Add<|im_end|>" in first
+    assert "Hi<|im_end|><|im_assistant|>assistant<|im_middle|>Hello" in second

@@ -445,6 +445,8 @@ def _json_list(obj: dict, key: str | None, where: str) -> list | None:
     if key is None or key not in obj:
         return None
     value = obj[key]
+    if isinstance(value, str) and not value.strip():  # an empty CSV cell
+        return None
     if isinstance(value, str):
         with contextlib.suppress(json.JSONDecodeError):
             value = json.loads(value)

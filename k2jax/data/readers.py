@@ -473,6 +473,7 @@ class _Parquet:
 
     def close(self) -> None:
         self._cache.clear()
+        self._pf.close()
 
 
 class _Arrow:
@@ -552,12 +553,8 @@ def data_files(path: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise DataError(str(path), "no data", "not found (data.path)")
-    state = path / "state.json"
-    if state.is_file():  # datasets.Dataset.save_to_disk
-        try:
-            listed = [path / d["filename"] for d in json.loads(state.read_text())["_data_files"]]
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(str(state), "invalid state.json", f"no _data_files list: {e}") from None
+    listed = _saved_dataset_files(path)
+    if listed is not None:
         return listed
     if (path / "dataset_info.json").is_file():
         raise DataError(
@@ -586,6 +583,17 @@ def data_files(path: str | Path) -> list[Path]:
             str(path), "no data", f"the folder has no {'/'.join(SUPPORTED_SUFFIXES)} files"
         )
     return files
+
+
+def _saved_dataset_files(folder: Path) -> list[Path] | None:
+    """The .arrow files of a `datasets.Dataset.save_to_disk` folder (its state.json lists them,
+    in order), or None for any other folder."""
+    state = folder / "state.json"
+    try:
+        listed = json.loads(state.read_text(encoding="utf-8"))["_data_files"]
+        return [folder / d["filename"] for d in listed]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _fingerprint(files: list[Path], n: int) -> str:
