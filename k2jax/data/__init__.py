@@ -2,8 +2,13 @@
 
 * `tokenizer` — `KimiTokenizer`: Kimi's tiktoken BPE + 256 special ids, from a checkpoint folder.
 * `chat` — the kimi_k2 / kimi_k2_thinking / kimi_k25 templates: text, token ids and loss mask.
-* `dataset` — `DataConfig` and `PackedBatches`: JSONL (OpenAI or ShareGPT) -> shuffled, packed,
-  host-sharded, resumable numpy batches; `validate_data`: every line checked before training.
+* `readers` — JSON lines, JSON arrays, CSV, Parquet, Arrow: records by number, no file loaded.
+* `formats` — OpenAI, ShareGPT, alpaca, TRL prompt/completion, plain text, LLaMA-Factory's
+  dataset_info.json columns/tags -> one conversation (or text) shape.
+* `examples` — a record's token examples: masking knobs, over-long policy (data.overlong).
+* `mixture` — datasets, their val_size split, mixing and the epoch order.
+* `dataset` — `DataConfig` and `PackedBatches`: records -> shuffled, packed, host-sharded,
+  resumable numpy batches; `validate_data`: every record checked before training.
 * `testing` — `write_tiny_tokenizer`: a small real vocabulary in Kimi's file layout.
 * `DEMO_CHATS` — the shipped pirate-style demo set (written by `make_demo_chats`).
 """
