@@ -132,7 +132,6 @@ def test_print_config_is_gin_that_loads_back(files, capsys, tmp_path):
         ("deepspeed: ds_z3_config.json\n", (), "deepspeed: refused: k2jax shards"),
         ("use_kt: true\n", (), "use_kt: refused: KTransformers"),
         ("quantization_bit: 4\n", (), "quantization_bit: refused"),
-        ("val_size: 0.1\n", (), "val_size: refused: not supported yet"),
         ("fp16: true\n", ("bf16",), "fp16: float16 is not supported"),
         ("finetuning_type: full\n", ("finetuning_type",), "k2jax trains LoRA only"),
         ("stage: dpo\n", ("stage",), "only sft"),
@@ -172,3 +171,13 @@ def test_cli_reports_yaml_errors_without_traceback(files, capsys):
     assert "deepspeed: refused" in capsys.readouterr().err
     assert main(["train", "--config", path, "--config", "tiny_train.gin"]) == 2
     assert "the only config file" in capsys.readouterr().err
+
+
+def test_masking_knobs_and_val_size_map_onto_data(files):
+    """train_on_prompt, mask_history and val_size have the same meaning in data.*; val_size with
+    eval_strategy steps evaluates the held-out split every eval_steps."""
+    extra = "mask_history: true\nval_size: 0.1\neval_strategy: steps\neval_steps: 7\n"
+    rc = run_config_from_yaml(_write(files, extra))
+    assert (rc.data.train_on_prompt, rc.data.mask_history, rc.data.val_size) == (False, True, 0.1)
+    assert rc.eval.every == 7 and rc.eval.path is None
+    assert run_config_from_yaml(_write(files, "train_on_prompt: true\n")).data.train_on_prompt

@@ -35,6 +35,9 @@ can be saved and used instead of the YAML from then on.
     seed                           train.seed and data.seed
     eval_dataset, eval_strategy,   eval.path (as dataset); eval.every = eval_steps when the
       eval_steps                     strategy is steps (else 0: no evaluation, as there)
+    val_size                       data.val_size (a fraction, or a count ≥ 1, held out; evaluated
+                                   at eval_steps when there is no eval_dataset)
+    train_on_prompt, mask_history  data.train_on_prompt, data.mask_history (same meaning)
 
 Batch size. LLaMA-Factory's global batch is per_device_train_batch_size ×
 gradient_accumulation_steps × the number of GPUs. Ours, data.batch_size, is already that total,
@@ -48,8 +51,8 @@ per_device_train_batch_size 8, cutoff_len 2048, AdamW's betas (0.9, 0.999)); boo
 (logging, checkpoints, dtypes) keep ours, and so does MuonClip's QK-clip (optim.qk_clip_tau),
 which never acts on a released model's own logits.
 
-Rejected alternative: a k2jax-side emulation of every LLaMA-Factory key (dataset_info.json,
-val_size splits, epoch-derived step counts). Each would be a second data path or a pass over the
+Rejected alternative: a k2jax-side emulation of every LLaMA-Factory key (dataset_info.json
+names through the YAML, epoch-derived step counts). Each would be a second data path or a pass over the
 data before training; a refusal that names the gin setting to use instead is smaller and honest.
 """
 
@@ -78,6 +81,9 @@ MAPPED = (
     "dataset_dir",
     "template",
     "cutoff_len",
+    "train_on_prompt",
+    "mask_history",
+    "val_size",
     "finetuning_type",
     "stage",
     "lora_rank",
@@ -154,9 +160,6 @@ REFUSED = {
     "mix_strategy": "one dataset only",
     "interleave_probs": "one dataset only",
     "streaming": "k2jax always streams the .jsonl lines",
-    "val_size": "not supported yet: give a held-out file as eval_dataset (eval.path)",
-    "train_on_prompt": "k2jax trains on the assistant turns only",
-    "mask_history": "not supported yet",
     "pure_bf16": "the frozen base is compute.param_dtype; LoRA factors stay float32",
     "lr_scheduler_kwargs": "use the schedule section (--set schedule.final_fraction=...)",
     "max_grad_norm_kwargs": "not supported",
@@ -351,6 +354,12 @@ def _map(r: _Reader, data_parallel: int) -> dict[str, dict[str, Any]]:
         "seq_len": r.get("cutoff_len", int, 2048),
         "batch_size": per_device * accum * data_parallel,
     }
+    for key in ("train_on_prompt", "mask_history"):  # same names and meaning in data.*
+        if (flag := r.get(key, bool)) is not None:
+            data[key] = flag
+    val_size = r.get("val_size", float, 0.0)
+    if val_size:
+        data["val_size"] = int(val_size) if val_size >= 1 else val_size
     epochs = r.get("num_train_epochs", float)
     if epochs is not None:
         if not epochs.is_integer():
@@ -406,12 +415,17 @@ def _map(r: _Reader, data_parallel: int) -> dict[str, dict[str, Any]]:
     if (keep := r.get("save_total_limit", int)) is not None:
         checkpoint["keep"] = keep
     out["checkpoint"] = checkpoint
+    every = r.get("eval_steps", int) or r.get("logging_steps", int, 500)  # as LLaMA-Factory
+    steps_strategy = r.get("eval_strategy", str, "no") == "steps"
     if r.get("eval_dataset", str) is not None:
         out["eval"] = {"path": _data_path(r, "eval_dataset")}
-        if r.get("eval_strategy", str, "no") == "steps":  # eval_steps defaults to logging_steps
-            out["eval"]["every"] = r.get("eval_steps", int) or r.get("logging_steps", int, 500)
+        if steps_strategy:
+            out["eval"]["every"] = every
+    elif val_size:  # the held-out split of the training data (data.val_size)
+        if steps_strategy:
+            out["eval"] = {"every": every}
     elif r.get("eval_steps", int) is not None:
-        raise r.error("eval_steps", "needs eval_dataset (a held-out .jsonl file or folder)")
+        raise r.error("eval_steps", "needs eval_dataset or val_size (data to evaluate on)")
     return out
 
 
