@@ -357,6 +357,7 @@ def test_trainer_on_a_checkpoint_eval_tensorboard_and_load_run(tmp_path, int4_ch
     assert [r["step"] for r in history] == [1, 2, 3, 4]
     evals = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [2, 4] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    assert evals[1]["eval_perplexity"] == pytest.approx(math.exp(evals[1]["eval_loss"]))
     [events_file] = (run_dir / "tensorboard").iterdir()
     events = read_events(events_file)
     assert events[0]["file_version"] == "brain.Event:2"

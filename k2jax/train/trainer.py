@@ -619,17 +619,27 @@ class Trainer:
                 total[k] += float(sums[k])
         data.close()
         count = max(total["count"], 1.0)
+        loss = total["loss_sum"] / count
         record = {
             "step": self.step,
-            "eval_loss": total["loss_sum"] / count,
+            "eval_loss": loss,
+            # per-token perplexity of the learned (loss-masked) tokens: exp of the mean loss
+            "eval_perplexity": math.exp(min(loss, 700.0)),
             "eval_tokens": int(total["count"]),
         }
-        log.info("step %d: eval loss %.4f over %d tokens", self.step, *list(record.values())[1:])
+        log.info(
+            "step %d: eval loss %.4f, perplexity %.2f over %d tokens",
+            self.step,
+            *list(record.values())[1:],
+        )
         if self._eval_file is not None:
             self._eval_file.write(json.dumps(record) + "\n")
             self._eval_file.flush()
         if self._events is not None:
-            self._events.scalars(self.step, {"eval/loss": record["eval_loss"]})
+            self._events.scalars(
+                self.step,
+                {"eval/loss": record["eval_loss"], "eval/perplexity": record["eval_perplexity"]},
+            )
             self._events.flush()
         return record
 
