@@ -95,3 +95,29 @@ def rel_err(actual, expected) -> float:
 
 def python_exe() -> str:
     return sys.executable
+
+
+# Packed data batches (tests of k2jax.data) -------------------------------------------------------
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def take(it, n):
+    """The next n items of an iterator."""
+    return [next(it) for _ in range(n)]
+
+
+def same(a, b) -> bool:
+    """Two lists of batches hold the same arrays."""
+    return len(a) == len(b) and all(
+        all(np.array_equal(x[k], y[k]) for k in BATCH_KEYS) for x, y in zip(a, b)
+    )
+
+
+def segment_tokens(batches) -> list[tuple[int, ...]]:
+    """The tokens of every packed example in the batches, in order."""
+    out = []
+    for b in batches:
+        for r in range(b["tokens"].shape[0]):
+            for s in range(1, b["segment_ids"][r].max(initial=0) + 1):
+                out.append(tuple(b["tokens"][r, b["segment_ids"][r] == s].tolist()))
+    return out

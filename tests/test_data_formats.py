@@ -9,10 +9,10 @@ import itertools
 import json
 import logging
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import same, segment_tokens, take
 
 from k2jax.data.chat import encode_chat
 from k2jax.data.dataset import DataConfig, DataError, PackedBatches, validate_data
@@ -20,8 +20,6 @@ from k2jax.data.formats import RecordFormat, Text
 from k2jax.data.readers import Records, _JsonArray
 from k2jax.data.testing import write_tiny_tokenizer
 from k2jax.data.tokenizer import KimiTokenizer
-
-KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
 @pytest.fixture(scope="module")
@@ -68,25 +66,6 @@ def write(path, records, form: str):
 def cfg(path, **kw) -> DataConfig:
     kw = {"seq_len": 128, "batch_size": 2, "template": "kimi_k2", **kw}
     return DataConfig(path=str(path) if not isinstance(path, tuple) else path, **kw)
-
-
-def take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def same(a, b) -> bool:
-    return len(a) == len(b) and all(
-        all(np.array_equal(x[k], y[k]) for k in KEYS) for x, y in zip(a, b)
-    )
-
-
-def segments(batches):
-    out = []
-    for b in batches:
-        for r in range(b["tokens"].shape[0]):
-            for s in range(1, b["segment_ids"][r].max(initial=0) + 1):
-                out.append(tuple(b["tokens"][r, b["segment_ids"][r] == s].tolist()))
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,7 +307,7 @@ def test_dataset_info_json_names_datasets(tmp_path, tok):
     for path in (info, tmp_path):  # the file, or the folder holding it (dataset_dir)
         c = cfg(path, dataset="my_alpaca, my_chats,my_pt", shuffle=False, num_epochs=1)
         it = PackedBatches(c, tok)
-        segs = segments(list(it))
+        segs = segment_tokens(list(it))
         assert len(segs) == 18
         assert it.last_epoch_summary.startswith(
             "epoch 0 of my_alpaca, my_chats, my_pt: 18 examples"
@@ -361,7 +340,7 @@ def test_a_folder_reads_every_supported_file_and_names_the_rest(tmp_path, tok, c
         "not read" in r.getMessage() and "README.md, sub/" in r.getMessage() for r in caplog.records
     )
     want = [tuple(encode_chat(r["messages"], tok, "kimi_k2").tokens.tolist()) for r in RECORDS[:6]]
-    assert segments(list(it)) == want
+    assert segment_tokens(list(it)) == want
     (tmp_path / "d.jsonl.gz").write_bytes(b"\x1f\x8b")
     with pytest.raises(DataError, match="compressed files cannot be read by offset: d.jsonl.gz"):
         PackedBatches(cfg(tmp_path), tok)
@@ -409,6 +388,6 @@ def test_csv_cells_decode_json_and_empty_cells_are_absent(tmp_path, tok):
         w.writerow(["Add", "", "5", ""])
         w.writerow(["Add", "2 and 3", "5", json.dumps([["Hi", "Hello"]])])
     it = PackedBatches(cfg(path, shuffle=False, num_epochs=1, batch_size=1), tok)
-    first, second = (tok.decode(s) for s in segments(list(it)))
+    first, second = (tok.decode(s) for s in segment_tokens(list(it)))
     assert "<|im_user|>user<|im_middle|>Add<|im_end|>" in first
     assert "Hi<|im_end|><|im_assistant|>assistant<|im_middle|>Hello" in second

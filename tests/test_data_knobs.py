@@ -8,15 +8,13 @@ import collections
 import json
 import logging
 
-import numpy as np
 import pytest
+from helpers import same, segment_tokens, take
 
 from k2jax.config import ConfigError
 from k2jax.data.dataset import DataConfig, DataError, PackedBatches, validate_data
 from k2jax.data.testing import write_tiny_tokenizer
 from k2jax.data.tokenizer import KimiTokenizer
-
-KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
 @pytest.fixture(scope="module")
@@ -53,25 +51,6 @@ def write_jsonl(path, objs):
 def cfg(path, **kw) -> DataConfig:
     kw = {"seq_len": 128, "batch_size": 1, "template": "kimi_k2", **kw}
     return DataConfig(path=path if isinstance(path, tuple) else str(path), **kw)
-
-
-def take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def same(a, b) -> bool:
-    return len(a) == len(b) and all(
-        all(np.array_equal(x[k], y[k]) for k in KEYS) for x, y in zip(a, b)
-    )
-
-
-def segments(batches):
-    out = []
-    for b in batches:
-        for r in range(b["tokens"].shape[0]):
-            for s in range(1, b["segment_ids"][r].max(initial=0) + 1):
-                out.append(tuple(b["tokens"][r, b["segment_ids"][r] == s].tolist()))
-    return out
 
 
 @pytest.fixture
@@ -185,8 +164,8 @@ def test_truncate_keeps_the_prompt_end_and_the_answer_start(tmp_path, tok):
     it = PackedBatches(c, tok)
     batches = list(it)
     assert it.last_epoch_summary.endswith("3 examples, 3 over-long truncated (data.overlong)")
-    texts = [tok.decode(s) for s in segments(batches)]
-    assert all(len(s) == 96 for s in segments(batches))
+    texts = [tok.decode(s) for s in segment_tokens(batches)]
+    assert all(len(s) == 96 for s in segment_tokens(batches))
     # A short answer is kept whole; the prompt loses its start.
     assert (
         texts[0].endswith("<|im_assistant|>assistant<|im_middle|>ok<|im_end|>")
@@ -213,7 +192,7 @@ def test_split_turns_cuts_a_long_text_into_rows(tmp_path, tok):
     it = PackedBatches(
         cfg(path, shuffle=False, num_epochs=1, overlong="split_turns", seq_len=64), tok
     )
-    segs = segments(list(it))
+    segs = segment_tokens(list(it))
     whole = [*tok.encode("word " * 300), tok.eos_id]
     assert [t for s in segs[:-1] for t in s] == whole and all(len(s) <= 64 for s in segs)
     assert "1 over-long text cut into pieces (data.overlong)" in it.last_epoch_summary
@@ -232,7 +211,7 @@ def two_sets(tmp_path):
 
 
 def names(tok, batches):
-    return [tok.decode(s)[: -len("[EOS]")] for s in segments(batches)]
+    return [tok.decode(s)[: -len("[EOS]")] for s in segment_tokens(batches)]
 
 
 @pytest.mark.parametrize(

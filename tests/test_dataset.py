@@ -9,6 +9,7 @@ import logging
 
 import numpy as np
 import pytest
+from helpers import same, take
 
 from k2jax.config import ConfigError, bind_sections, parse_override
 from k2jax.data import DEMO_CHATS
@@ -63,16 +64,6 @@ def chats_file(tmp_path_factory):
 def cfg(path, **kw) -> DataConfig:
     kw = {"seq_len": 256, "batch_size": 4, "template": "kimi_k2", **kw}
     return DataConfig(path=str(path), **kw)
-
-
-def take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def same(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(
-        all(np.array_equal(x[k], y[k]) for k in KEYS) for x, y in zip(a, b)
-    )
 
 
 def segments(batches):
