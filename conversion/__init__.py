@@ -10,6 +10,7 @@ folders out; PEFT adapters and merged checkpoints back out.
     orbax_io        `k2jax convert`'s Orbax folders: convert_checkpoint, restore_params
     checkpoint      either kind of folder → (config, compute, params): read_checkpoint
     peft, merge     a run's LoRA out as a PEFT adapter, or folded into its base checkpoint
+    peft_load       a PEFT adapter folder back in (lora.init_from, k2jax chat --adapter)
 
 Names are imported on first use, so `import k2jax.conversion` stays light (the CLI imports it
 before jax may be configured).
@@ -42,6 +43,8 @@ _EXPORTS = {
     "read_metadata": "orbax_io",
     "restore_params": "orbax_io",
     "read_checkpoint": "checkpoint",
+    "AdapterError": "peft_load",
+    "read_peft": "peft_load",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -76,6 +76,7 @@ __all__ = [
     "LoraSlot",
     "export_peft",
     "flatten_tree",
+    "known_paths",
     "linear_shape",
     "lora_factors",
     "lora_slots",
@@ -139,8 +140,8 @@ def linear_shape(cfg: ModelConfig, path: tuple[str, ...]) -> tuple[int, int]:
     return (D, width) if name == "down_proj" else (width, D)
 
 
-def _known_paths(cfg: ModelConfig) -> dict[tuple[str, ...], int]:
-    """Every LoRA-able module path → its stack length."""
+def known_paths(cfg: ModelConfig) -> dict[tuple[str, ...], int]:
+    """Every LoRA-able module path (stack name first) → its stack length."""
     out = {}
     for stack, n, moe in (
         ("dense_layers", cfg.num_dense_layers, False),
@@ -183,7 +184,7 @@ def flatten_tree(tree, prefix=()) -> Iterator[tuple[tuple[str, ...], object]]:
 def _modules_of(cfg: ModelConfig, lora_tree) -> dict[tuple[str, ...], tuple[object, object]]:
     """Module path → (A, B) stacked factors, with every shape checked against the config."""
     lora_tree = lora_tree or {}
-    known = _known_paths(cfg)
+    known = known_paths(cfg)
     leaves = dict(flatten_tree(lora_tree))
     modules: dict[tuple[str, ...], dict[str, object]] = {}
     for path, leaf in leaves.items():

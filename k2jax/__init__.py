@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_model": "k2jax.api",
     "load_finetune": "k2jax.api",
+    "load_adapter": "k2jax.api",
     "K2Model": "k2jax.api",
     "ModelConfig": "k2jax.config",
     "ConfigError": "k2jax.config",

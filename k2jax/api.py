@@ -22,6 +22,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from k2jax.config import ModelConfig
 from k2jax.lora import LoraConfig
@@ -178,6 +179,46 @@ def load_finetune(
         lora_config=run.lora_config,
         qk_clip=qk_clip,
     )
+
+
+def load_adapter(model: K2Model, adapter: str | os.PathLike) -> K2Model:
+    """`model` with a PEFT adapter folder's LoRA (adapter_config.json +
+    adapter_model.safetensors, e.g. one `k2jax export` or PEFT wrote) on top: its rank, scale and
+    the modules it trains; every name and shape checked against the model's config, nothing
+    unpickled (k2jax.conversion.peft_load). Placed like the base (on its mesh, if it has one).
+
+        tuned = k2jax.load_adapter(k2jax.load_model("ckpt/Kimi-K2-Instruct"), "adapters/mine")
+    """
+    import flax.linen as nn
+
+    from k2jax.conversion.peft_load import read_peft
+    from k2jax.model.transformer import init_variables
+
+    found = read_peft(adapter, model.config)
+    try:
+        lora_config = found.lora_config()
+        module = Transformer(model.config, model.compute, lora_config)
+        boxed = jax.eval_shape(
+            lambda: init_variables(module, jax.random.key(0), lora_rng=jax.random.key(1))
+        )["lora"]
+        shapes = nn.unbox(boxed)
+
+        def leaf(path, x):
+            keys = tuple(k.key for k in path)
+            if keys[:-1] not in found.names:  # a stack the adapter leaves alone: no update
+                return np.zeros(x.shape, np.float32)
+            return found.block(keys[:-1], keys[-1], x.shape)
+
+        lora = jax.tree_util.tree_map_with_path(leaf, shapes)
+    finally:
+        found.close()
+    if model.mesh is not None:
+        from k2jax.sharding import param_shardings
+
+        lora = jax.device_put(lora, param_shardings(boxed, model.mesh))
+    else:
+        lora = jax.device_put(lora)
+    return dataclasses.replace(model, lora=lora, lora_config=lora_config)
 
 
 def _overlay(params, trained):

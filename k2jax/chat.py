@@ -2,6 +2,7 @@
 
     k2jax chat --model ckpt/Kimi-K2-Thinking            # the base model
     k2jax chat --run runs/my-run                         # the run's base + its LoRA and QK-clip
+    k2jax chat --model DIR --adapter adapters/mine       # a checkpoint + a PEFT adapter folder
     k2jax chat --model DIR --prompt "Hello"              # one answer, no REPL (scripts, tests)
     printf 'Hi\\nAnd then?\\n' | k2jax chat --model DIR  # turns from a pipe
 
@@ -99,17 +100,23 @@ def load(
     template: str | None = None,
     thinking: bool = True,
     dtype: str = "bfloat16",
+    adapter: str | None = None,
 ) -> dict:
-    """What a ChatSession needs for a checkpoint folder (`model`) or a training run (`run`, its
-    base with the trained LoRA, QK-clip factors and trained base leaves): a dict of module,
-    variables, tokenizer folder, template and thinking."""
-    from k2jax.api import load_model
+    """What a ChatSession needs for a checkpoint folder (`model`, with a PEFT `adapter` folder
+    on top if given) or a training run (`run`, its base with the trained LoRA, QK-clip factors
+    and trained base leaves): a dict of module, variables, tokenizer folder, template and
+    thinking."""
+    from k2jax.api import load_adapter, load_model
     from k2jax.generate import template_for
 
     if (model is None) == (run is None):
         raise ValueError("pass exactly one of a checkpoint folder (model) or a run folder (run)")
+    if adapter is not None and model is None:
+        raise ValueError("an adapter goes on a checkpoint folder (model), not on a run")
     if model is not None:
         loaded = load_model(model, dtype=dtype)
+        if adapter is not None:
+            loaded = load_adapter(loaded, adapter)
         return dict(
             module=loaded.module,
             variables=loaded.variables(),
@@ -149,10 +156,12 @@ def chat(
     sampling=None,
     max_new_tokens: int = 512,
     seed: int = 0,
+    adapter: str | None = None,
 ) -> None:
     """`k2jax chat`: answers `prompt` and returns, or runs the REPL on stdin (each line a user
     turn; /reset, /quit), printing the answers to stdout as they are generated. The model is a
-    checkpoint folder (`model`) or a training run (`run`), loaded as `load` does."""
+    checkpoint folder (`model`, optionally with a PEFT `adapter`) or a training run (`run`),
+    loaded as `load` does."""
     from k2jax.data.tokenizer import KimiTokenizer
     from k2jax.generate import Sampling
 
@@ -164,6 +173,7 @@ def chat(
         template=template,
         thinking=thinking,
         dtype=dtype,
+        adapter=adapter,
     )
     template = loaded["template"]
     session = ChatSession(

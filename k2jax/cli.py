@@ -224,6 +224,12 @@ def _chat_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--step", type=int, help="checkpoint step of --run (default: newest)")
     parser.add_argument(
+        "--adapter",
+        metavar="DIR",
+        help="a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to put on "
+        "--model, e.g. one k2jax export wrote",
+    )
+    parser.add_argument(
         "--tokenizer", metavar="DIR", help="tokenizer folder (default: the model's)"
     )
     parser.add_argument(
@@ -255,9 +261,12 @@ def _chat(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.adapter is not None and args.model is None:
+        raise ValueError("--adapter goes with --model (a --run already has its LoRA)")
     chat(
         model=args.model,
         run=args.run,
+        adapter=args.adapter,
         step=args.step,
         tokenizer=args.tokenizer,
         template=args.template,

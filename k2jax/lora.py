@@ -54,11 +54,18 @@ LINEAR_PATHS = (
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
+    """The `lora` section: rank, alpha (scale alpha/rank, or alpha/√rank with rslora), dropout
+    on the adapters' input, the target modules (see the module docstring), and `init_from`: a
+    PEFT adapter folder (adapter_config.json + adapter_model.safetensors) whose factors a new run
+    starts from instead of A random, B zero — its rank and scale must equal this section's, its
+    modules must be among the targets (k2jax.conversion.peft_load). A resumed run ignores it."""
+
     rank: int = 16
     alpha: float = 16.0
     dropout: float = 0.0
     rslora: bool = False  # scale alpha/√r instead of alpha/r (Kalajdzievski 2023)
     targets: tuple[str, ...] = ALL_TARGETS
+    init_from: str | None = None
 
     def __post_init__(self):
         check_field_types(self, "lora")
@@ -68,6 +75,8 @@ class LoraConfig:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.targets:
             raise ConfigError("lora.targets is empty: name at least one module")
+        if self.init_from is not None and not self.init_from:
+            raise ConfigError("lora.init_from: name a PEFT adapter folder, or None")
         for t in self.targets:
             if not any(_matches(t, p) for p in LINEAR_PATHS):
                 raise ConfigError(

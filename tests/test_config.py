@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -195,6 +196,20 @@ def test_gin_file_unknown_key_names_file_and_line(tmp_path):
     f.write_text("include 'tiny.gin'\n\nlora.rank = 8\nlora.rnak = 4\n")
     with pytest.raises(ConfigError, match=r"run.gin:4: 'lora' has no key 'rnak'"):
         load_config(f, SECTIONS)
+
+
+def test_unknown_keys_and_sections_get_a_did_you_mean(tmp_path):
+    """difflib's closest names, as section.key; none when nothing is close."""
+    for override, hint in (
+        ("lora.rnak=4", "'lora' has no key 'rnak'; did you mean lora.rank?"),
+        ("lora.dropuot=0.1", "did you mean lora.dropout?"),
+        ("lora.init_frm=x", "did you mean lora.init_from?"),
+        ("lorra.rank=4", "unknown section 'lorra' (in lorra.rank); did you mean lora?"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(hint)):
+            load_config("tiny.gin", SECTIONS, [override])
+    with pytest.raises(ConfigError, match=r"has no key 'zzz'$"):
+        load_config("tiny.gin", SECTIONS, ["lora.zzz=1"])
 
 
 def test_gin_file_wrong_type_and_unknown_section(tmp_path):

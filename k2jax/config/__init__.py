@@ -21,6 +21,7 @@ from k2jax.config.checks import ConfigError, check_field_types
 from k2jax.config.files import (
     CONFIG_DIR,
     bind_sections,
+    did_you_mean,
     find_config_file,
     load_config,
     parse_bindings,
@@ -43,6 +44,7 @@ __all__ = [
     "ModelConfig",
     "bind_sections",
     "check_field_types",
+    "did_you_mean",
     "find_config_file",
     "load_config",
     "load_model_config",

@@ -26,6 +26,7 @@ are refused for the same reason: a file binds plain values.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import typing
@@ -148,6 +149,15 @@ def parse_override(text: str) -> tuple[str, str, Any, str]:
     return section, name, value, f"--set {text}"
 
 
+def did_you_mean(word: str, known: Iterable[str], section: str | None = None) -> str:
+    """ "; did you mean a, b?" naming the closest of `known` (difflib), or "" when none is close.
+    With `section`, the names are shown as section.name."""
+    close = difflib.get_close_matches(word, list(known), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return "; did you mean " + ", ".join(f"{section}.{c}" if section else c for c in close) + "?"
+
+
 def bind_sections(
     bindings: Iterable[tuple[str, str, Any, str]],
     sections: Mapping[str, type],
@@ -164,14 +174,14 @@ def bind_sections(
     for section, key, value, where in bindings:
         if section not in sections:
             raise ConfigError(
-                f"{where}: unknown section {section!r} (in {section}.{key}); "
+                f"{where}: unknown section {section!r} (in {section}.{key}){did_you_mean(section, sections)}; "
                 f"known sections: {', '.join(sorted(sections))}"
             )
-        names = {f.name for f in dataclasses.fields(sections[section])}
+        names = [f.name for f in dataclasses.fields(sections[section])]
         if key not in names:
-            close = [n for n in names if n.startswith(key[:3])]
-            hint = f"; did you mean {', '.join(sorted(close))}?" if close else ""
-            raise ConfigError(f"{where}: {section!r} has no key {key!r}{hint}")
+            raise ConfigError(
+                f"{where}: {section!r} has no key {key!r}{did_you_mean(key, names, section)}"
+            )
         values.setdefault(section, {})[key] = value
         places[(section, key)] = where
     out = {}

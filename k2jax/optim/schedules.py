@@ -38,6 +38,9 @@ class ScheduleConfig:
 
     name: constant | cosine | wsd.
     warmup_steps: linear warmup length (0 = none).
+    warmup_ratio: the warmup as a share of all steps instead, round(ratio × total steps) (as
+      transformers' warmup_ratio; for a run sized in epochs the total is counted from the data).
+      At most one of warmup_steps / warmup_ratio is non-zero.
     decay_steps: steps of the decay phase for cosine (None: all steps after warmup); for wsd the
       decay length is `decay_fraction` of the total steps.
     final_fraction: the lr at the end of the decay, as a fraction of the peak.
@@ -47,6 +50,7 @@ class ScheduleConfig:
 
     name: Literal["constant", "cosine", "wsd"] = "cosine"
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0
     decay_steps: int | None = None
     final_fraction: float = 0.1
     decay_fraction: float = 0.2
@@ -56,6 +60,13 @@ class ScheduleConfig:
         check_field_types(self, "schedule")
         if self.warmup_steps < 0:
             raise ConfigError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"schedule.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ConfigError(
+                "schedule.warmup_steps and schedule.warmup_ratio are both set; set one (the "
+                "other = 0)"
+            )
         if self.decay_steps is not None and self.decay_steps < 1:
             raise ConfigError(f"schedule.decay_steps must be >= 1 or None, got {self.decay_steps}")
         if not 0.0 <= self.final_fraction <= 1.0:
@@ -68,13 +79,18 @@ class ScheduleConfig:
             )
 
 
+def warmup_steps(config: ScheduleConfig, total_steps: int) -> int:
+    """The warmup length in steps: schedule.warmup_steps, or round(warmup_ratio × total_steps)."""
+    return config.warmup_steps or round(config.warmup_ratio * total_steps)
+
+
 def make_schedule(
     config: ScheduleConfig, peak: float, total_steps: int
 ) -> Callable[[jnp.ndarray], jnp.ndarray]:
     """count → learning rate (float32), for `total_steps` optimizer updates."""
     if total_steps < 1:
         raise ConfigError(f"the schedule needs at least one step, got {total_steps}")
-    warmup = config.warmup_steps
+    warmup = warmup_steps(config, total_steps)
     if warmup >= total_steps and config.name != "constant":
         raise ConfigError(
             f"schedule.warmup_steps ({warmup}) must be smaller than the number of steps "

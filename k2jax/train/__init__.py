@@ -5,6 +5,10 @@
 * `RunConfig` (config.py) — the run's sections (model, compute, mesh, lora, optim, schedule, data,
   train, eval, checkpoint, log), read from gin-syntax files.
 * `run_config_from_yaml` (llamafactory.py) — a LLaMA-Factory training YAML as a RunConfig.
+* `count_steps`, `resume_step`, ... (start.py) — how a run starts: its length in steps (counted
+  from data.num_epochs when train.steps is None), the checkpoint it resumes (newest or chosen),
+  the PEFT adapter it starts from (lora.init_from).
+* `RunLogs` (outputs.py) — metrics.jsonl, eval.jsonl (loss, perplexity), TensorBoard, W&B.
 * `Program` (step.py) — the compiled train/eval steps and every sharding, cached per setup.
 * `Checkpointer` (checkpoint.py) — Orbax: async, keep-last-N, atomic, restorable on any mesh.
 * `load_run` (run.py) — a run folder's configs, LoRA, QK-clip factors, trained base leaves.
@@ -29,6 +33,8 @@ _LAZY = {
     "CheckpointConfig": "config",
     "LogConfig": "config",
     "run_config_from_yaml": "llamafactory",
+    "count_steps": "start",
+    "RunLogs": "outputs",
     "Program": "step",
     "StepSpec": "step",
     "build_program": "step",

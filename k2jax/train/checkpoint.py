@@ -178,14 +178,17 @@ class Checkpointer:
         )
         return dict(out["train"]), dict(out["meta"])
 
-    def set_aside(self, step: int) -> Path:
+    def set_aside(self, step: int, suffix: str = "-nonfinite") -> Path:
         """Moves the checkpoint of `step` out of the checkpoint folder, to
-        `<dir>-nonfinite/<step>` beside it: kept for inspection, never resumed. Returns where."""
+        `<dir><suffix>/<step>` beside it (`<step>.2`, ... when that exists: nothing set aside
+        before is replaced): kept for inspection, never resumed. Returns where."""
         self.wait()
-        dest = self.directory.with_name(self.directory.name + "-nonfinite") / str(step)
+        dest = self.directory.with_name(self.directory.name + suffix) / str(step)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():
-            shutil.rmtree(dest)
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = dest.with_name(f"{step}.{n}")
         shutil.move(str(self.directory / str(step)), str(dest))
         self.manager.reload()
         return dest

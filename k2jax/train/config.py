@@ -8,10 +8,11 @@
     optim       k2jax.optim.OptimConfig: Muon/AdamW, weight decay, clipping, QK-clip τ
     schedule    k2jax.optim.ScheduleConfig: warmup + constant / cosine / WSD
     data        k2jax.data.DataConfig: JSONL path, chat template, seq_len, batch_size (rows per step)
-    train       run folder, steps, gradient accumulation, seeds, trainable base weights, NaN guard
-    eval        held-out file, how often, how many batches
+    train       run folder, steps (or None: sized by data.num_epochs), gradient accumulation,
+                seeds, trainable base weights, NaN guard, resume (from the newest or a chosen step)
+    eval        held-out file (or the data.val_size split), how often, how many batches
     checkpoint  where, how often, how many kept, async
-    log         progress bar, TensorBoard, console cadence, peak FLOP/s for the MFU
+    log         progress bar, TensorBoard, Weights & Biases, console cadence, peak FLOP/s for MFU
 
 Sections reuse the library's own config dataclasses where one exists (compute, lora, optim,
 schedule, data), so a knob has one definition and one validation. `RunConfig.load(files,
@@ -98,7 +99,11 @@ class TrainConfig:
     """The `train` section.
 
     run_dir: the run folder (config, metrics, TensorBoard events, checkpoints).
-    steps: optimizer steps in total (a resumed run continues up to this number).
+    steps: optimizer steps in total (a resumed run continues up to this number); None: as many
+      as data.num_epochs epochs of data.batch_size rows take, counted from the data before
+      training (one pass over the data per epoch, tokenizing and packing as training will), so
+      the learning-rate schedule ends with the last epoch. A number and data.num_epochs both:
+      the run stops at whichever comes first, the schedule is sized by the number.
     grad_accum: microbatches per step; data.batch_size rows are split into grad_accum microbatches
       run one after the other (lax.scan), gradients summed in float32.
     seed: LoRA initialisation and dropout.
@@ -109,10 +114,13 @@ class TrainConfig:
       (each such step is skipped: no update).
     resume: continue from the newest checkpoint in the run folder; False refuses to start in a
       folder that already has checkpoints (nothing is overwritten silently).
+    resume_step: continue from this step's checkpoint instead of the newest; the checkpoints of
+      later steps are moved aside (to `<checkpoint dir>-superseded/<step>`, never deleted) and the
+      run's metrics are cut back to this step, so the run continues as one history.
     """
 
     run_dir: str = "runs/k2jax"
-    steps: int = 1000
+    steps: int | None = 1000
     grad_accum: int = 1
     seed: int = 0
     z_loss: float = 0.0
@@ -120,13 +128,19 @@ class TrainConfig:
     train_norms: bool = False
     max_nonfinite_steps: int = 5
     resume: bool = True
+    resume_step: int | None = None
 
     def __post_init__(self):
         check_field_types(self, "train")
         if not self.run_dir:
             raise ConfigError("train.run_dir must name a folder")
-        if self.steps < 1:
-            raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1 or None, got {self.steps}")
+        if self.resume_step is not None and (self.resume_step < 1 or not self.resume):
+            raise ConfigError(
+                f"train.resume_step = {self.resume_step}: needs train.resume = True and a step "
+                ">= 1 (a checkpoint of this run)"
+            )
         if self.grad_accum < 1:
             raise ConfigError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
         if self.z_loss < 0:
@@ -186,12 +200,20 @@ class LogConfig:
     peak_tflops: peak dense bf16 TFLOP/s of one device for the MFU estimate (None: the measured
       ceiling of the device kind where one was measured — 800 on H100/H200, GPU_NOTES.md — else
       its datasheet figure; no MFU on unknown devices and CPUs). metrics.jsonl names the peak.
+    wandb: also log the same scalars to Weights & Biases (the `wandb` package, an optional
+      extra: `pip install 'k2jax[wandb]'`; imported only when this is True). WANDB_MODE=offline
+      writes the run under <run_dir>/wandb with no network (`wandb sync` uploads it later).
+    wandb_project, wandb_name: the W&B project (None: $WANDB_PROJECT, else "k2jax") and run name
+      (None: the run folder's name).
     """
 
     every: int = 10
     progress: bool = True
     tensorboard: bool = True
     peak_tflops: float | None = None
+    wandb: bool = False
+    wandb_project: str | None = None
+    wandb_name: str | None = None
 
     def __post_init__(self):
         check_field_types(self, "log")
@@ -245,6 +267,11 @@ class RunConfig:
         if self.eval.every and self.eval.path is None and not self.data.val_size:
             raise ConfigError(
                 "eval.every > 0 needs eval.path (held-out data) or data.val_size (a split)"
+            )
+        if self.train.steps is None and self.data.num_epochs is None:
+            raise ConfigError(
+                "train.steps = None sizes the run by its epochs: set data.num_epochs (or a "
+                "number of train.steps)"
             )
 
     def replace(self, **changes: dict[str, Any]) -> RunConfig:

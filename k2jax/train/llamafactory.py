@@ -8,52 +8,65 @@ says. Then the `--set section.key=value` overrides apply, as for a gin file, and
 can be saved and used instead of the YAML from then on.
 
     model_name_or_path             model.path (a local checkpoint folder; no downloads)
-    dataset_dir / dataset          data.path = dataset_dir/dataset, one local .jsonl file or folder
+    dataset_dir / dataset          data.path: the named local files or folders (a comma list is
+                                   several datasets); names of dataset_dir/dataset_info.json
+                                   entries: data.path = dataset_dir, data.dataset = the names
+    mix_strategy, interleave_probs data.mix_strategy, data.interleave_probs (same values)
     template                       data.template (kimi, kimi_k2 → kimi_k2; our own names as-is)
-    cutoff_len                     data.seq_len (rows are packed, examples masked apart; an
-                                   example longer than a row is skipped, not truncated)
+    cutoff_len                     data.seq_len, with data.overlong = "truncate" (LLaMA-Factory's
+                                   rule: the prompt loses its start, the answer its end); rows
+                                   are packed, each example masked apart (their packing: true)
+    train_on_prompt, mask_history  data.train_on_prompt, data.mask_history
+    val_size                       data.val_size (a fraction, or a count of records)
     lora_rank, lora_alpha,         lora.rank, lora.alpha (absent: 2 × rank, as LLaMA-Factory),
       lora_dropout, use_rslora       lora.dropout, lora.rslora
     lora_target                    lora.targets (all → every linear; else the HF module names)
+    adapter_name_or_path           lora.init_from (a local PEFT adapter folder, continued: its
+                                   rank, alpha and modules unless lora_* keys say otherwise)
     learning_rate                  optim.learning_rate
     optim, weight_decay,           optim.name = "adamw" (what LLaMA-Factory trains with; --set
       adam_beta1/2, adam_epsilon,    optim.name=muon for ours), weight_decay, b1/b2, eps,
       max_grad_norm                  grad_clip_norm
     lr_scheduler_type              schedule: cosine → cosine to 0; linear → wsd decaying over all
                                    steps after warmup (linear, to 0); constant_with_warmup → constant
-    warmup_steps / warmup_ratio    schedule.warmup_steps (ratio: round(ratio × max_steps))
-    max_steps                      train.steps (required: we do not count the dataset's rows)
-    num_train_epochs               data.num_epochs (integral only); training stops at whichever
-                                   of max_steps and the last epoch comes first
+    warmup_steps / warmup_ratio    schedule.warmup_steps / schedule.warmup_ratio (steps win)
+    max_steps                      train.steps; the data repeats as needed (num_train_epochs is
+                                   then ignored, as in transformers)
+    num_train_epochs               without max_steps: data.num_epochs and train.steps = None, the
+                                   steps counted from the data before training (default 3)
     per_device_train_batch_size ×  data.batch_size (rows per optimizer step, all devices)
       gradient_accumulation_steps    train.grad_accum = gradient_accumulation_steps
     logging_steps, save_steps,     log.every, checkpoint.every, checkpoint.keep
-      save_total_limit
+      save_total_limit, save_strategy (steps; no: checkpoint.every = 0, saved at the end only)
     output_dir                     train.run_dir
-    resume_from_checkpoint         train.resume (true/false; a checkpoint path is refused)
+    resume_from_checkpoint         true/false: train.resume; a checkpoint of output_dir
+                                   (<output_dir>/checkpoint-N, our <output_dir>/checkpoints/N):
+                                   train.resume_step = N
     bf16                           compute.dtype (true: bfloat16, false: float32); fp16 refused
     seed                           train.seed and data.seed
-    eval_dataset, eval_strategy,   eval.path (as dataset); eval.every = eval_steps when the
-      eval_steps                     strategy is steps (else 0: no evaluation, as there)
-    val_size                       data.val_size (a fraction, or a count ≥ 1, held out; evaluated
-                                   at eval_steps when there is no eval_dataset)
-    train_on_prompt, mask_history  data.train_on_prompt, data.mask_history (same meaning)
+    eval_dataset, eval_strategy,   eval.path (a local file or folder); eval.every = eval_steps
+      eval_steps, val_size           (default logging_steps) when the strategy is steps, over
+                                   eval_dataset or else the val_size split; no: no evaluation
+    report_to, run_name            wandb → log.wandb (TensorBoard is always written);
+                                   log.wandb_name
 
 Batch size. LLaMA-Factory's global batch is per_device_train_batch_size ×
 gradient_accumulation_steps × the number of GPUs. Ours, data.batch_size, is already that total,
 the rows of one optimizer step, split into train.grad_accum microbatches. The devices that split a
 batch are the data-parallel ones, mesh.data × mesh.expert (the tensor axis shares each row), so the
-mesh overrides (`--set mesh.expert=8`) are read first and the product uses them.
+mesh overrides (`--set mesh.expert=8`) are read first and the product uses them. A row is a packed
+row of cutoff_len tokens (LLaMA-Factory's `packing: true`); without packing their batch counts
+examples, so the same numbers put more examples in a step here.
 
 Defaults. A key the file leaves out means LLaMA-Factory's default where that changes what is
 trained (lora_rank 8, lora_alpha 2 × rank, learning_rate 5e-5, lr_scheduler_type linear,
-per_device_train_batch_size 8, cutoff_len 2048, AdamW's betas (0.9, 0.999)); bookkeeping keys
-(logging, checkpoints, dtypes) keep ours, and so does MuonClip's QK-clip (optim.qk_clip_tau),
-which never acts on a released model's own logits.
+per_device_train_batch_size 8, cutoff_len 2048, num_train_epochs 3, AdamW's betas (0.9, 0.999));
+bookkeeping keys (logging, checkpoints, dtypes) keep ours, and so does MuonClip's QK-clip
+(optim.qk_clip_tau), which never acts on a released model's own logits.
 
-Rejected alternative: a k2jax-side emulation of every LLaMA-Factory key (dataset_info.json
-names through the YAML, epoch-derived step counts). Each would be a second data path or a pass over the
-data before training; a refusal that names the gin setting to use instead is smaller and honest.
+Rejected alternative: emulating the keys whose meaning k2jax does not have (DeepSpeed configs,
+bitsandbytes quantisation, other stages and PEFT methods) with the nearest setting: the run would
+differ from the file without saying so; a refusal that names the gin setting to use is honest.
 """
 
 from __future__ import annotations
@@ -61,6 +74,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -73,12 +87,16 @@ log = logging.getLogger(__name__)
 
 TEMPLATES = {"kimi": "kimi_k2", **{name: name for name in TEMPLATE_NAMES}}
 ADAMW_NAMES = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
+MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")
 
 # Keys whose values are read by `_map` below (the did-you-mean vocabulary includes these).
 MAPPED = (
     "model_name_or_path",
+    "adapter_name_or_path",
     "dataset",
     "dataset_dir",
+    "mix_strategy",
+    "interleave_probs",
     "template",
     "cutoff_len",
     "train_on_prompt",
@@ -107,6 +125,7 @@ MAPPED = (
     "gradient_accumulation_steps",
     "logging_steps",
     "save_steps",
+    "save_strategy",
     "save_total_limit",
     "output_dir",
     "resume_from_checkpoint",
@@ -116,12 +135,15 @@ MAPPED = (
     "eval_dataset",
     "eval_steps",
     "eval_strategy",
+    "evaluation_strategy",
     "per_device_eval_batch_size",
     "report_to",
+    "run_name",
 )
 # Accepted and ignored: they change nothing k2jax does (or k2jax does it its own way).
 IGNORED = {
     "do_train": "always trains",
+    "do_eval": "evaluation follows eval_strategy / eval_steps",
     "overwrite_cache": "no dataset cache",
     "preprocessing_num_workers": "tokenises on the fly",
     "dataloader_num_workers": "tokenises on the fly",
@@ -135,6 +157,7 @@ IGNORED = {
     "gradient_checkpointing": "rematerialisation is compute.remat",
     "packing": "k2jax always packs, with per-example attention masks",
     "neat_packing": "k2jax always packs, with per-example attention masks",
+    "streaming": "k2jax always streams its data files",
 }
 # Refused whatever the value (a falsy value of a switch is accepted: it asks for nothing).
 REFUSED = {
@@ -154,12 +177,9 @@ REFUSED = {
     "use_badam": "BAdam is not supported (full-rank training)",
     "use_apollo": "APOLLO is not supported (full-rank training)",
     "additional_target": "only linears get LoRA; see train.train_router / train.train_norms",
-    "adapter_name_or_path": "starting from an existing adapter is not supported yet",
-    "create_new_adapter": "starting from an existing adapter is not supported yet",
-    "max_samples": "not supported yet: cut the .jsonl file instead",
-    "mix_strategy": "one dataset only",
-    "interleave_probs": "one dataset only",
-    "streaming": "k2jax always streams the .jsonl lines",
+    "create_new_adapter": "an adapter_name_or_path adapter is continued (lora.init_from); to "
+    "stack a new one on it, merge it first (k2jax merge) and train on the merged model",
+    "max_samples": "not supported: cut the data file, or hold records out with val_size",
     "pure_bf16": "the frozen base is compute.param_dtype; LoRA factors stay float32",
     "lr_scheduler_kwargs": "use the schedule section (--set schedule.final_fraction=...)",
     "max_grad_norm_kwargs": "not supported",
@@ -172,12 +192,19 @@ KNOWN = (*MAPPED, *IGNORED, *REFUSED)
 SOURCE = {
     "model.path": "model_name_or_path",
     "data.path": "dataset",
+    "data.dataset": "dataset",
+    "data.mix_strategy": "mix_strategy",
+    "data.interleave_probs": "interleave_probs",
     "data.seq_len": "cutoff_len",
+    "data.train_on_prompt": "train_on_prompt",
+    "data.mask_history": "mask_history",
+    "data.val_size": "val_size",
     "data.batch_size": "per_device_train_batch_size",
     "data.num_epochs": "num_train_epochs",
     "lora.rank": "lora_rank",
     "lora.alpha": "lora_alpha",
     "lora.dropout": "lora_dropout",
+    "lora.init_from": "adapter_name_or_path",
     "optim.learning_rate": "learning_rate",
     "optim.weight_decay": "weight_decay",
     "optim.b1": "adam_beta1",
@@ -185,10 +212,13 @@ SOURCE = {
     "optim.eps": "adam_epsilon",
     "optim.grad_clip_norm": "max_grad_norm",
     "schedule.warmup_steps": "warmup_steps",
+    "schedule.warmup_ratio": "warmup_ratio",
     "train.steps": "max_steps",
     "train.grad_accum": "gradient_accumulation_steps",
     "train.run_dir": "output_dir",
+    "train.resume_step": "resume_from_checkpoint",
     "log.every": "logging_steps",
+    "log.wandb_name": "run_name",
     "checkpoint.every": "save_steps",
     "checkpoint.keep": "save_total_limit",
     "eval.every": "eval_steps",
@@ -238,28 +268,40 @@ class _Reader:
             raise self.error(key, f"expected {kind.__name__}, got {v!r}")
         return v
 
+    def names(self, key: str) -> list[str]:
+        """A comma list (or a YAML list) of names."""
+        v = self.doc.get(key)
+        items = v if isinstance(v, list) else str(v).split(",")
+        return [str(x).strip() for x in items if str(x).strip()]
 
-def _data_path(r: _Reader, key: str) -> str:
-    name = r.get(key, str)
-    if "," in name:
-        raise r.error(key, f"{name!r}: several datasets are not supported yet; name one file")
+
+def _local(r: _Reader, name: str) -> Path | None:
     folder = r.get("dataset_dir", str)
     candidates = [Path(folder) / name] if folder else [Path(name), Path("data") / name]
-    path = next((p for p in candidates if p.exists()), None)
-    if path is None:
-        info = Path(folder or "data") / "dataset_info.json"
-        why = (
-            f"an entry of {info} (dataset_info.json names) is not supported yet"
-            if info.is_file()
-            else "no such file or folder (hub datasets are not downloaded)"
-        )
-        tried = ", ".join(str(p) for p in candidates)
-        raise r.error(key, f"{name!r}: {why}; point it at a local .jsonl file or folder ({tried})")
-    if path.is_file() and path.suffix != ".jsonl":
-        raise r.error(
-            key, f"{path}: k2jax reads .jsonl (one OpenAI- or ShareGPT-form conversation a line)"
-        )
-    return str(path)
+    return next((p for p in candidates if p.exists()), None)
+
+
+def _data(r: _Reader, key: str) -> dict[str, Any]:
+    """data.path (and data.dataset) for the datasets `key` names: local files or folders, or
+    entries of dataset_dir/dataset_info.json (LLaMA-Factory's registry; default dataset_dir
+    "data", as there)."""
+    names = r.names(key)
+    if not names:
+        raise r.error(key, "required: a local data file or folder, or a dataset_info.json name")
+    paths = [_local(r, n) for n in names]
+    if all(paths):
+        return {"path": str(paths[0]) if len(paths) == 1 else tuple(map(str, paths))}
+    folder = Path(r.get("dataset_dir", str) or "data")
+    info = folder / "dataset_info.json"
+    if info.is_file() and not any(paths):
+        return {"path": str(folder), "dataset": ",".join(names)}
+    missing = [n for n, p in zip(names, paths) if p is None]
+    why = (
+        "mixes files with dataset_info.json names; use one kind"
+        if info.is_file()
+        else f"no such file or folder, and no {info} to name it (hub datasets are not downloaded)"
+    )
+    raise r.error(key, f"{', '.join(map(repr, missing))}: {why}")
 
 
 def _targets(r: _Reader) -> tuple[str, ...]:
@@ -277,26 +319,59 @@ def _targets(r: _Reader) -> tuple[str, ...]:
     return names
 
 
-def _schedule(r: _Reader, steps: int) -> dict[str, Any]:
+def _lora(r: _Reader, model: str) -> dict[str, Any]:
+    """The lora section: the lora_* keys, LLaMA-Factory's defaults, or — with
+    adapter_name_or_path — the adapter's own rank, scale and modules (LLaMA-Factory continues
+    the adapter as it is), each lora_* key still winning where given."""
+    lora: dict[str, Any] = {}
+    adapter = r.get("adapter_name_or_path", str)
+    if adapter is not None:
+        if "," in adapter:
+            raise r.error("adapter_name_or_path", "one adapter only (merge the others first)")
+        if not Path(adapter).is_dir():
+            raise r.error(
+                "adapter_name_or_path",
+                f"{adapter!r} is not a local folder (k2jax downloads nothing)",
+            )
+        from k2jax.config import ModelConfig
+        from k2jax.conversion.peft_load import AdapterError, read_peft
+
+        try:
+            found = read_peft(adapter, ModelConfig.from_hf_dir(model))
+            own = found.lora_config(trained_only=False)  # header only: no factor is read
+            found.close()
+        except AdapterError as e:
+            raise r.error("adapter_name_or_path", str(e)) from None
+        lora = {"rank": own.rank, "alpha": own.alpha, "targets": own.targets, "init_from": adapter}
+    rank = r.get("lora_rank", int, lora.get("rank", 8))
+    if rank != lora.get("rank") or "lora_alpha" in r.doc:  # else the adapter's own alpha
+        lora["alpha"] = r.get("lora_alpha", float, 2.0 * rank)
+    lora["rank"] = rank
+    lora["dropout"] = r.get("lora_dropout", float, 0.0)
+    lora["rslora"] = r.get("use_rslora", bool, False)
+    if "lora_target" in r.doc or "targets" not in lora:
+        lora["targets"] = _targets(r)
+    return lora
+
+
+def _schedule(r: _Reader) -> dict[str, Any]:
     warmup = r.get("warmup_steps", int, 0)
     ratio = r.get("warmup_ratio", float, 0.0)
-    if warmup == 0 and ratio:  # as in transformers: warmup_steps > 0 wins over the ratio
-        if not 0.0 <= ratio < 1.0:
-            raise r.error("warmup_ratio", f"must be in [0, 1), got {ratio}")
-        warmup = round(ratio * steps)
+    # as in transformers: warmup_steps > 0 wins over the ratio
+    out: dict[str, Any] = {"warmup_steps": warmup, "warmup_ratio": 0.0 if warmup else ratio}
     kind = r.get("lr_scheduler_type", str, "linear")
     if kind == "cosine":
-        return {"name": "cosine", "warmup_steps": warmup, "final_fraction": 0.0}
+        return {"name": "cosine", **out, "final_fraction": 0.0}
     if kind == "linear":  # warmup, then linear decay to 0 over every remaining step
         return {
             "name": "wsd",
-            "warmup_steps": warmup,
+            **out,
             "decay_fraction": 1.0,
             "decay_shape": "linear",
             "final_fraction": 0.0,
         }
-    if kind == "constant_with_warmup" or (kind == "constant" and warmup == 0):
-        return {"name": "constant", "warmup_steps": warmup}
+    if kind == "constant_with_warmup" or (kind == "constant" and not (warmup or ratio)):
+        return {"name": "constant", **out}
     if kind == "constant":
         raise r.error(
             "lr_scheduler_type",
@@ -309,6 +384,53 @@ def _schedule(r: _Reader, steps: int) -> dict[str, Any]:
     )
 
 
+def _resume(r: _Reader, out: dict) -> None:
+    """resume_from_checkpoint: true/false, or a checkpoint of output_dir → train.resume_step."""
+    value = r.doc.get("resume_from_checkpoint")
+    if value is None:
+        return
+    if isinstance(value, bool) or str(value).lower() in ("true", "false"):
+        out["train"]["resume"] = r.get("resume_from_checkpoint", bool)
+        return
+    path = Path(str(value))
+    m = re.fullmatch(r"(?:checkpoint-)?(\d+)", path.name)
+    run_dir = Path(out["train"].get("run_dir", SECTIONS["train"]().run_dir))
+    parents = {run_dir.absolute(), (run_dir / "checkpoints").absolute()}
+    if m is None or path.parent.absolute() not in parents:
+        raise r.error(
+            "resume_from_checkpoint",
+            f"{value!r}: k2jax resumes its own checkpoints of output_dir ({run_dir}), named "
+            f"{run_dir}/checkpoint-N or {run_dir}/checkpoints/N; a checkpoint of a torch run "
+            "cannot be resumed (continue its adapter with adapter_name_or_path instead)",
+        )
+    out["train"].update(resume=True, resume_step=int(m.group(1)))
+
+
+def _evaluation(r: _Reader, out: dict) -> None:
+    strategy = r.get("eval_strategy", str) or r.get("evaluation_strategy", str, "no")
+    if strategy not in ("steps", "no"):
+        raise r.error("eval_strategy", f"{strategy!r}: only steps (every eval_steps) or no")
+    if (val_size := r.get("val_size", float)) is not None:
+        out["data"]["val_size"] = val_size
+    held_out = r.get("eval_dataset", str) is not None
+    if held_out:
+        data = _data(r, "eval_dataset")
+        if "dataset" in data or not isinstance(data["path"], str):
+            raise r.error(
+                "eval_dataset",
+                "one local file or folder (dataset_info.json names and lists are for dataset)",
+            )
+        out["eval"] = {"path": data["path"]}
+    if strategy == "steps":
+        if not (held_out or val_size):
+            raise r.error("eval_strategy", "steps needs eval_dataset or val_size (data to score)")
+        # eval_steps defaults to logging_steps (transformers), whose own default is 500
+        every = r.get("eval_steps", int) or r.get("logging_steps", int, 500)
+        out.setdefault("eval", {})["every"] = every
+    elif r.get("eval_steps", int) is not None and not (held_out or val_size):
+        raise r.error("eval_steps", "needs eval_dataset or val_size (data to score)")
+
+
 def _map(r: _Reader, data_parallel: int) -> dict[str, dict[str, Any]]:
     """The file's keys as {section: {field: value}}; refusals raise ConfigError."""
     if r.get("stage", str, "sft") != "sft":
@@ -317,10 +439,6 @@ def _map(r: _Reader, data_parallel: int) -> dict[str, dict[str, Any]]:
         raise r.error("finetuning_type", f"{r.doc['finetuning_type']!r}: k2jax trains LoRA only")
     if r.get("fp16", bool, False):
         raise r.error("fp16", "float16 is not supported; use bf16: true")
-    if r.get("report_to", str, "none") not in ("none", "tensorboard"):
-        raise r.error("report_to", "k2jax writes TensorBoard events (log.tensorboard) only")
-    if r.get("eval_strategy", str, "no") not in ("steps", "no"):
-        raise r.error("eval_strategy", "only steps (eval_steps) or no")
 
     model = r.get("model_name_or_path", str)
     if model is None:
@@ -331,49 +449,48 @@ def _map(r: _Reader, data_parallel: int) -> dict[str, dict[str, Any]]:
             f"{model!r} is not a local folder; k2jax downloads nothing: fetch the checkpoint "
             "first (e.g. huggingface-cli download) and give its folder",
         )
-    if r.get("dataset", str) is None:
-        raise r.error("dataset", "required: a local .jsonl file or folder")
     template = r.get("template", str)
     if template is None or template not in TEMPLATES:
         raise r.error(
             "template", f"{template!r}: a Kimi template is needed: {', '.join(TEMPLATES)}"
         )
-    steps = r.get("max_steps", int, -1)
-    if steps <= 0:
-        raise r.error(
-            "max_steps",
-            "required: k2jax counts optimizer steps and does not read the dataset ahead to turn "
-            "num_train_epochs into steps; give max_steps",
-        )
-
     per_device = r.get("per_device_train_batch_size", int, 8)
     accum = r.get("gradient_accumulation_steps", int, 1)
     data = {
-        "path": _data_path(r, "dataset"),
+        **_data(r, "dataset"),
         "template": TEMPLATES[template],
         "seq_len": r.get("cutoff_len", int, 2048),
+        "overlong": "truncate",  # LLaMA-Factory's cutoff_len rule (k2jax.data.examples)
         "batch_size": per_device * accum * data_parallel,
     }
-    for key in ("train_on_prompt", "mask_history"):  # same names and meaning in data.*
-        if (flag := r.get(key, bool)) is not None:
-            data[key] = flag
-    val_size = r.get("val_size", float, 0.0)
-    if val_size:
-        data["val_size"] = int(val_size) if val_size >= 1 else val_size
-    epochs = r.get("num_train_epochs", float)
-    if epochs is not None:
-        if not epochs.is_integer():
-            raise r.error("num_train_epochs", f"{epochs}: k2jax counts whole epochs only")
+    for key in ("train_on_prompt", "mask_history"):
+        if (value := r.get(key, bool)) is not None:
+            data[key] = value
+    if (mix := r.get("mix_strategy", str)) is not None:
+        if mix not in MIX_STRATEGIES:
+            raise r.error("mix_strategy", f"{mix!r}: one of {', '.join(MIX_STRATEGIES)}")
+        data["mix_strategy"] = mix
+    if r.doc.get("interleave_probs") is not None:
+        try:
+            data["interleave_probs"] = tuple(float(p) for p in r.names("interleave_probs"))
+        except ValueError:
+            raise r.error("interleave_probs", "expected numbers, e.g. 0.7,0.3") from None
+
+    train: dict[str, Any] = {"grad_accum": accum}
+    steps = r.get("max_steps", int, -1)
+    epochs = r.get("num_train_epochs", float, 3.0)
+    if steps > 0:  # transformers: max_steps overrides num_train_epochs, the data repeats
+        train["steps"] = steps
+        if "num_train_epochs" in r.doc:
+            log.info("%s: num_train_epochs ignored: max_steps is set (as in transformers)", r.path)
+    else:  # the steps of the epochs, counted from the data when the run starts
+        if not epochs.is_integer() or epochs < 1:
+            raise r.error(
+                "num_train_epochs", f"{epochs}: k2jax counts whole epochs (or give max_steps)"
+            )
+        train["steps"] = None
         data["num_epochs"] = int(epochs)
 
-    rank = r.get("lora_rank", int, 8)
-    lora = {
-        "rank": rank,
-        "alpha": r.get("lora_alpha", float, 2.0 * rank),
-        "dropout": r.get("lora_dropout", float, 0.0),
-        "rslora": r.get("use_rslora", bool, False),
-        "targets": _targets(r),
-    }
     optim_name = r.get("optim", str, "adamw_torch")
     if optim_name not in ADAMW_NAMES:
         raise r.error("optim", f"{optim_name!r}: AdamW ({', '.join(ADAMW_NAMES)}) only")
@@ -387,46 +504,56 @@ def _map(r: _Reader, data_parallel: int) -> dict[str, dict[str, Any]]:
         "eps": r.get("adam_epsilon", float, 1e-8),
         "grad_clip_norm": clip if clip > 0 else None,
     }
-
-    train: dict[str, Any] = {"steps": steps, "grad_accum": accum}
-    out = {"model": {"path": model}, "data": data, "lora": lora, "optim": optim, "train": train}
-    out["schedule"] = _schedule(r, steps)
+    out = {
+        "model": {"path": model},
+        "data": data,
+        "lora": _lora(r, model),
+        "optim": optim,
+        "train": train,
+        "schedule": _schedule(r),
+        "checkpoint": {},
+        "log": {},
+    }
     if (run_dir := r.get("output_dir", str)) is not None:
         train["run_dir"] = run_dir
-    resume = r.doc.get("resume_from_checkpoint")
-    if isinstance(resume, str) and resume.lower() not in ("true", "false"):
-        raise r.error(
-            "resume_from_checkpoint",
-            "a checkpoint path is not supported: k2jax resumes from the newest checkpoint in "
-            "output_dir (true) or refuses a folder that has some (false)",
-        )
-    if (resume := r.get("resume_from_checkpoint", bool)) is not None:
-        train["resume"] = resume
+    _resume(r, out)
     if (seed := r.get("seed", int)) is not None:
         train["seed"] = seed
         data["seed"] = seed
     if (dtype := r.get("bf16", bool)) is not None:
         out["compute"] = {"dtype": "bfloat16" if dtype else "float32"}
     if (every := r.get("logging_steps", int)) is not None:
-        out["log"] = {"every": every}
-    checkpoint = {}
-    if (every := r.get("save_steps", int)) is not None:
-        checkpoint["every"] = every
+        out["log"]["every"] = every
+    _report(r, out["log"])
+    save = r.get("save_strategy", str, "steps")
+    if save not in ("steps", "no"):
+        raise r.error("save_strategy", f"{save!r}: steps (every save_steps) or no")
+    if save == "no":  # the end of the run is still saved: it is what the run produced
+        out["checkpoint"]["every"] = 0
+    elif (every := r.get("save_steps", int)) is not None:
+        out["checkpoint"]["every"] = every
     if (keep := r.get("save_total_limit", int)) is not None:
-        checkpoint["keep"] = keep
-    out["checkpoint"] = checkpoint
-    every = r.get("eval_steps", int) or r.get("logging_steps", int, 500)  # as LLaMA-Factory
-    steps_strategy = r.get("eval_strategy", str, "no") == "steps"
-    if r.get("eval_dataset", str) is not None:
-        out["eval"] = {"path": _data_path(r, "eval_dataset")}
-        if steps_strategy:
-            out["eval"]["every"] = every
-    elif val_size:  # the held-out split of the training data (data.val_size)
-        if steps_strategy:
-            out["eval"] = {"every": every}
-    elif r.get("eval_steps", int) is not None:
-        raise r.error("eval_steps", "needs eval_dataset or val_size (data to evaluate on)")
+        out["checkpoint"]["keep"] = keep
+    _evaluation(r, out)
     return out
+
+
+def _report(r: _Reader, log_section: dict) -> None:
+    raw = r.doc.get("report_to")
+    names = set(r.names("report_to")) if raw is not None else {"none"}
+    if "all" in names:
+        names = {"wandb", "tensorboard"}
+    other = names - {"none", "tensorboard", "wandb"}
+    if other:
+        raise r.error(
+            "report_to",
+            f"{', '.join(sorted(other))}: k2jax writes TensorBoard events (log.tensorboard) and, "
+            "if asked, Weights & Biases (wandb)",
+        )
+    if "wandb" in names:
+        log_section["wandb"] = True
+    if (name := r.get("run_name", str)) is not None:
+        log_section["wandb_name"] = name
 
 
 def _check_keys(r: _Reader) -> None:

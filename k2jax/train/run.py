@@ -23,7 +23,10 @@
       tensorboard/        events.out.tfevents.* (the same scalars)
       checkpoints/<step>/ Orbax checkpoints (or checkpoint.dir): train/ (LoRA, trained base
                           leaves, QK-clip factors), opt/ (optimizer state, step, rng), meta/ (JSON:
-                          data iterator state, tokens seen)
+                          data iterator state, tokens seen, the counted steps of an epoch-sized run)
+      checkpoints/README.md  how to turn any step into a PEFT adapter (`k2jax export --step N`),
+                          chat with it, merge it, or resume from it (`checkpoint_readme`)
+      checkpoints-superseded/<step>/  checkpoints after a train.resume_step, moved aside
 
 `load_run(run_dir, step=None)` returns the configs, the base's location and the trained trees of
 one checkpoint — everything `k2jax export` (a PEFT adapter) and `k2jax merge` (LoRA and QK-clip
@@ -73,6 +76,39 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def checkpoint_readme(run_dir: str | os.PathLike, checkpoints: str | os.PathLike) -> str:
+    """The README.md a run writes into its checkpoint folder: what the step folders are and the
+    commands that make an adapter, a chat, a merged model or a resumed run of any one of them.
+
+    Why no adapter folder beside each step: a PEFT adapter of Kimi-K2 with every routed expert
+    adapted is ~40 GB in float32 (10.5B factors at r = 16), written at every save and duplicating
+    what the step already holds; exporting the chosen step on demand is exact, and it applies
+    the same checks (QK-clip factors, fully trained leaves) as any export."""
+    run = Path(run_dir).absolute()
+    return f"""# Checkpoints of the k2jax run {run}
+
+Each numbered folder is the complete training state after that many optimizer steps (Orbax:
+`train/` LoRA factors, QK-clip factors, fully trained base leaves; `opt/` optimizer state;
+`meta/` data position). Folders named `N.orbax-checkpoint-tmp*` are saves that did not finish;
+they are never read. The newest `checkpoint.keep` steps are kept.
+
+A PEFT adapter (adapter_config.json + adapter_model.safetensors, Hugging Face names) of step N:
+
+    k2jax export --run {run} --step N --out {run}-adapters/step_N
+
+(outside the run folder: no command writes into what it reads).
+
+Chat with step N, fold it into the base model, or continue training from it:
+
+    k2jax chat  --run {run} --step N
+    k2jax merge --run {run} --step N --out {run}-merged/step_N
+    k2jax train --config {run}/config.gin --set train.resume_step=N
+
+Resuming from an earlier step moves the later checkpoints to `{Path(checkpoints).name}-superseded/`
+beside this folder (never deleted) and cuts metrics.jsonl back to step N.
+"""
 
 
 def model_config_to_json(cfg: ModelConfig) -> str:

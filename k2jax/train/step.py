@@ -59,7 +59,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from k2jax.config import ModelConfig
+from k2jax.config import ConfigError, ModelConfig
 from k2jax.lora import LoraConfig
 from k2jax.model import ComputeConfig, Transformer
 from k2jax.model.context_parallel import resolve as resolve_context
@@ -105,9 +105,16 @@ class StepSpec:
     train_norms: bool = False
 
     @classmethod
-    def from_run_config(cls, run, model: ModelConfig) -> StepSpec:
-        """The spec of a RunConfig (k2jax.train.config) for the architecture `model`."""
+    def from_run_config(cls, run, model: ModelConfig, total_steps: int | None = None) -> StepSpec:
+        """The spec of a RunConfig (k2jax.train.config) for the architecture `model`.
+        total_steps: the run's length when train.steps is None (counted from its epochs)."""
         t = run.train
+        total_steps = t.steps if total_steps is None else total_steps
+        if total_steps is None:
+            raise ConfigError(
+                "train.steps = None (sized by data.num_epochs): the program needs the counted "
+                "number of steps (k2jax.train.start.count_steps)"
+            )
         mesh = {"data": run.mesh.data, "expert": run.mesh.expert}
         mode = resolve_context(
             run.compute.context_parallel, run.data.batch_size // t.grad_accum, mesh
@@ -118,7 +125,7 @@ class StepSpec:
             lora=run.lora,
             optim=run.optim,
             schedule=run.schedule,
-            total_steps=t.steps,
+            total_steps=total_steps,
             grad_accum=t.grad_accum,
             z_loss=t.z_loss,
             train_router=t.train_router,

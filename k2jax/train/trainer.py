@@ -5,18 +5,23 @@
     trainer.evaluate()                 # loss on eval.path
 
 Set-up (`setup()`, run by `fit()`): mesh from the `mesh` section (a single process may use fewer
-devices than it has); architecture from the checkpoint's config.json or the preset; the compiled
-program (k2jax.train.step); the frozen base — loaded by `k2jax.load_model` straight onto the mesh,
-or random from the preset's seed; the train state — restored from the newest checkpoint of the run
-folder, or fresh (LoRA A random, B zero: step 0 is the base model); the data iterator — resumed from
-the checkpoint's data state. The operative config is written into the run folder.
+devices than it has); architecture from the checkpoint's config.json or the preset; the number of
+steps (train.steps, or counted from data.num_epochs: k2jax.train.start); the compiled program
+(k2jax.train.step); the frozen base — loaded by `k2jax.load_model` straight onto the mesh, or
+random from the preset's seed; the train state — restored from the newest checkpoint of the run
+folder (or train.resume_step's), or fresh (LoRA A random, B zero: step 0 is the base model; or
+lora.init_from's PEFT adapter); the data iterator — resumed from the checkpoint's data state. The
+operative config is written into the run folder, and a README.md into the checkpoint folder
+saying how to export, chat with or resume any of its steps.
 
 Each step: the next packed batch becomes one global array per field (this host's rows, via
 `jax.make_array_from_process_local_data`), the jitted step runs, its metrics are fetched and
-written (metrics.jsonl, TensorBoard, the progress bar, a console line every log.every steps). A
+written (metrics.jsonl, TensorBoard, W&B if asked — k2jax.train.outputs —, the progress bar, a
+console line every log.every steps). A
 step with a non-finite loss or gradient is skipped by the step itself; after
 `train.max_nonfinite_steps` of them in a row the loop stops with `NonFiniteError`. Evaluation
-every eval.every steps, a checkpoint every checkpoint.every steps and at the end.
+(loss and perplexity) every eval.every steps, a checkpoint every checkpoint.every steps and at the
+end.
 
 The loop fetches each step's metrics before starting the next (one host sync per step). For a
 model whose step takes seconds this costs nothing and keeps tokens/s and the NaN guard exact; the
@@ -32,9 +37,7 @@ import logging
 import math
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,26 +45,31 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from k2jax.config import ConfigError, ModelConfig, load_model_config
+from k2jax.config import ConfigError, ModelConfig, did_you_mean, load_model_config
 from k2jax.model.context_parallel import resolve as resolve_context
 from k2jax.sharding.mesh import MeshError
 from k2jax.train.checkpoint import Checkpointer
 from k2jax.train.config import RunConfig
+from k2jax.train.interrupt import STEP_DELAY_ENV, CtrlC, hold_step_for_test  # noqa: F401 (tests)
 from k2jax.train.run import (
     CONFIG_FILE,
-    EVAL_FILE,
-    METRICS_FILE,
     MODEL_CONFIG_FILE,
-    TENSORBOARD_DIR,
     TOKENIZER_DIR,
     atomic_write_text,
     check_fresh_start,
     checkpoint_dir,
+    checkpoint_readme,
     config_changes,
     keep_config_history,
     model_config_from_json,
     model_config_to_json,
-    truncate_jsonl,
+)
+from k2jax.train.start import (
+    count_steps,
+    place_adapter,
+    read_init_adapter,
+    resume_step,
+    set_aside_later,
 )
 from k2jax.train.step import StepSpec, build_program, peak_flops, peak_source
 
@@ -69,7 +77,6 @@ log = logging.getLogger(__name__)
 
 # data.path value naming the demo conversations shipped with k2jax (k2jax.data.DEMO_CHATS).
 DEMO_DATA = "k2jax:demo_chats"
-STEP_DELAY_ENV = "K2JAX_TEST_STEP_DELAY"
 
 
 class NonFiniteError(RuntimeError):
@@ -120,14 +127,17 @@ class Trainer:
 
         check_mesh_fits(self.mesh, self.model_config)
         self._check_batch_layout()
+        if cfg.log.wandb and self.is_main:
+            from k2jax.train.outputs import import_wandb
+
+            import_wandb()  # installed? said now, not after the compile
         self.tokenizer = self._tokenizer()
         self._check_data()
-        self.program = build_program(StepSpec.from_run_config(cfg, self.model_config), self.mesh)
         self.checkpointer = Checkpointer(
             checkpoint_dir(cfg), keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
         )
         latest = self.checkpointer.latest_step()
-        data_state, meta = None, {}
+        data_state, meta, adapter = None, {}, None
         if latest is not None:  # decided before loading a terabyte of base weights
             if not cfg.train.resume:
                 raise ConfigError(
@@ -136,10 +146,23 @@ class Trainer:
                     "train.run_dir"
                 )
             self._check_resumable()
+            latest = resume_step(cfg, self.checkpointer)
             meta = self.checkpointer.restore_meta(latest)
             data_state = meta.get("data_state")
-        elif self.is_main:
-            check_fresh_start(self.run_dir, cfg)
+            if cfg.lora.init_from is not None:
+                log.info("lora.init_from is not read: resuming the run's own LoRA")
+        else:
+            if cfg.train.resume_step is not None:
+                raise ConfigError(
+                    f"train.resume_step = {cfg.train.resume_step}: "
+                    f"{self.checkpointer.directory} holds no checkpoints"
+                )
+            if self.is_main:
+                check_fresh_start(self.run_dir, cfg)
+            adapter = read_init_adapter(cfg, self.model_config)  # checked before the base loads
+        self.total_steps = self._total_steps(meta)
+        spec = StepSpec.from_run_config(cfg, self.model_config, total_steps=self.total_steps)
+        self.program = build_program(spec, self.mesh)
         from k2jax.data import PackedBatches
 
         # The data (and its resume fingerprint) is checked before the base is loaded.
@@ -154,12 +177,20 @@ class Trainer:
         self.tokens_seen = int(meta.get("tokens_seen", 0))
         if latest is None:
             self.state = self.program.init_state(cfg.train.seed, trained_params)
+            if adapter is not None:  # the optimizer state is all zeros: independent of values
+                self.state["trainable"]["lora"] = place_adapter(
+                    self.state["trainable"]["lora"],
+                    adapter,
+                    self.program.state_shardings["trainable"]["lora"],
+                )
+                adapter.close()
         else:
             log.info("resuming from %s/%d", self.checkpointer.directory, latest)
             # The checkpoint holds the trained base leaves too: the loaded ones are replaced.
             self.state, _ = self.checkpointer.restore(
                 latest, self.program.state_abstract, self.program.state_shardings
             )
+            set_aside_later(self.checkpointer, latest, is_main=self.is_main)
             self.last_saved_step = latest
         self.step = int(jax.device_get(self.state["step"]))
         # The data position that goes with a state of each step (see `save`).
@@ -177,10 +208,17 @@ class Trainer:
         for key, folder in outputs.items():
             if folder.exists() and not folder.is_dir():
                 raise ConfigError(f"{key}: {folder} is a file, not a folder; name a folder")
+        paths = (cfg.data.path,) if isinstance(cfg.data.path, str) else cfg.data.path
         inputs = {
             "the base checkpoint, model.path": cfg.model.path,
-            "the training data, data.path": resolve_data_path(cfg.data.path),
+            **{
+                f"the training data, data.path{'' if len(paths) == 1 else f' [{i}]'}": (
+                    resolve_data_path(p)
+                )
+                for i, p in enumerate(paths)
+            },
             "the evaluation data, eval.path": cfg.eval.path,
+            "the adapter to start from, lora.init_from": cfg.lora.init_from,
             "the tokenizer, model.tokenizer": None
             if cfg.model.tokenizer == "tiny"
             else cfg.model.tokenizer,
@@ -219,10 +257,12 @@ class Trainer:
 
     def _model_config(self) -> ModelConfig:
         src = self.config.model
-        unknown = set(src.overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
+        fields = [f.name for f in dataclasses.fields(ModelConfig)]
+        unknown = sorted(set(src.overrides) - set(fields))
         if unknown:
             raise ConfigError(
-                f"model.overrides: {sorted(unknown)} are not ModelConfig fields (k2jax/config/model.py)"
+                f"model.overrides: {unknown} are not ModelConfig fields (k2jax/config/model.py)"
+                + did_you_mean(unknown[0], fields)
             )
         if src.path is not None:
             return ModelConfig.from_hf_dir(src.path, **src.overrides)
@@ -316,13 +356,14 @@ class Trainer:
         if not old_file.exists():
             return
         old = RunConfig.load(old_file)
-        for section in ("lora",):
-            if getattr(old, section) != getattr(self.config, section):
-                raise ConfigError(
-                    f"{old_file}: the run was trained with a different `{section}` section "
-                    f"({getattr(old, section)}); resume with the same one or use a new "
-                    "train.run_dir"
-                )
+        # lora.init_from only seeds a fresh start; the rest of the section shapes the adapters
+        if dataclasses.replace(old.lora, init_from=None) != dataclasses.replace(
+            self.config.lora, init_from=None
+        ):
+            raise ConfigError(
+                f"{old_file}: the run was trained with a different `lora` section "
+                f"({old.lora}); resume with the same one or use a new train.run_dir"
+            )
         model_file = self.run_dir / MODEL_CONFIG_FILE
         if model_file.exists() and model_config_from_json(model_file) != self.model_config:
             raise ConfigError(
@@ -330,8 +371,27 @@ class Trainer:
                 "same model or use a new train.run_dir"
             )
 
+    def _total_steps(self, meta: dict) -> int:
+        """train.steps, or the steps of data.num_epochs epochs: counted from the data, or read
+        from the resumed checkpoint's meta when it counted the same epochs and batch size."""
+        cfg = self.config
+        if cfg.train.steps is not None:
+            return cfg.train.steps
+        counted = meta.get("counted_steps") or {}
+        if counted.get("for") == self._count_key():
+            return int(counted["steps"])
+        return count_steps(
+            self._data_config(), self.tokenizer, progress=cfg.log.progress and self.is_main
+        )
+
+    def _count_key(self) -> dict:
+        return {
+            "num_epochs": self.config.data.num_epochs,
+            "batch_size": self.config.data.batch_size,
+        }
+
     def _open_outputs(self, resumed_from: int | None) -> None:
-        self._metrics_file = self._eval_file = self._events = None
+        self.logs = None
         if not self.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -347,17 +407,16 @@ class Trainer:
                     kept,
                     "; ".join(changes),
                 )
-        atomic_write_text(config_file, self.config.to_gin())
+        # train.resume_step is a one-time choice: a later rerun of config.gin continues from the
+        # newest checkpoint, not from that step again
+        atomic_write_text(config_file, self.config.replace(train={"resume_step": None}).to_gin())
         atomic_write_text(self.run_dir / MODEL_CONFIG_FILE, model_config_to_json(self.model_config))
-        for name in (METRICS_FILE, EVAL_FILE):
-            truncate_jsonl(self.run_dir / name, self.step)
-        self._metrics_file = (self.run_dir / METRICS_FILE).open("a")
-        if self.config.eval.path is not None:  # no empty eval.jsonl for a run that never evaluates
-            self._eval_file = (self.run_dir / EVAL_FILE).open("a")
-        if self.config.log.tensorboard:
-            from k2jax.train.tensorboard import EventWriter
+        ckpt = self.checkpointer.directory
+        ckpt.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(ckpt / "README.md", checkpoint_readme(self.run_dir, ckpt))
+        from k2jax.train.outputs import RunLogs
 
-            self._events = EventWriter(self.run_dir / TENSORBOARD_DIR)
+        self.logs = RunLogs(self.config, self.run_dir, self.step)
 
     # The loop -----------------------------------------------------------------------------------
     def fit(self, max_steps: int | None = None) -> list[dict]:
@@ -365,7 +424,7 @@ class Trainer:
         metric records of the steps run by this call. Calling it again continues."""
         self.setup()
         cfg = self.config
-        total = cfg.train.steps
+        total = self.total_steps
         stop = total if max_steps is None else min(total, self.step + max_steps)
         history: list[dict] = []
         if self.step >= total:
@@ -374,7 +433,7 @@ class Trainer:
         peak = peak_flops(self.mesh.devices.flat[0], cfg.log.peak_tflops)
         bar = self._progress_bar(total)
         compiled = False
-        ctrl_c = _CtrlC()
+        ctrl_c = CtrlC()
         try:
             with ctrl_c:
                 while self.step < stop:
@@ -396,7 +455,7 @@ class Trainer:
                         seconds = self.program.prepare(self.state, self.frozen, batch)
                         log.info("compiled the train step in %.1f s", seconds)
                         compiled = True
-                    _test_step_delay(self.step + 1, ctrl_c)
+                    hold_step_for_test(self.step + 1, ctrl_c)
                     ctrl_c.check()
                     record = self._step(batch, host_batch, peak, total, first=not history)
                     history.append(record)
@@ -489,19 +548,8 @@ class Trainer:
         return record
 
     def _write(self, record: dict) -> None:
-        if self._metrics_file is not None:
-            self._metrics_file.write(json.dumps(record) + "\n")
-            self._metrics_file.flush()
-        if self._events is not None:
-            scalars = {
-                f"train/{k}": float(v)
-                for k, v in record.items()
-                if k not in ("step", "time", "expert_load", "finite")
-                and isinstance(v, (int, float))
-                and not isinstance(v, bool)
-            }
-            self._events.scalars(record["step"], scalars)
-            self._events.flush()
+        if self.logs is not None:
+            self.logs.train(record)
 
     def _save_if_finite(self, record: dict) -> None:
         if record["nonfinite_streak"] == 0:
@@ -593,8 +641,9 @@ class Trainer:
 
     # Evaluation and checkpoints -----------------------------------------------------------------
     def evaluate(self) -> dict | None:
-        """Mean loss over up to eval.batches batches of eval.path, or else of the validation
-        records data.val_size sets aside (None with neither)."""
+        """Mean loss (and its perplexity, exp(loss)) over up to eval.batches batches of
+        eval.path, or else of the validation records data.val_size sets aside (None with
+        neither). Every eval.every steps in `fit`; eval.jsonl gets one line each."""
         self.setup()
         cfg = self.config
         if cfg.eval.path is None and not cfg.data.val_size:
@@ -618,29 +667,26 @@ class Trainer:
             for k in total:
                 total[k] += float(sums[k])
         data.close()
-        count = max(total["count"], 1.0)
-        loss = total["loss_sum"] / count
+        if not total["count"]:
+            log.warning("step %d: the evaluation data has no tokens to score", self.step)
+            return None
+        loss = total["loss_sum"] / total["count"]
         record = {
             "step": self.step,
             "eval_loss": loss,
-            # per-token perplexity of the learned (loss-masked) tokens: exp of the mean loss
-            "eval_perplexity": math.exp(min(loss, 700.0)),
+            # exp of the mean per-token loss; inf past exp's range (never a failed run)
+            "eval_perplexity": math.exp(loss) if loss < 709 else math.inf,
             "eval_tokens": int(total["count"]),
         }
         log.info(
-            "step %d: eval loss %.4f, perplexity %.2f over %d tokens",
+            "step %d: eval loss %.4f, perplexity %.3f over %d tokens",
             self.step,
-            *list(record.values())[1:],
+            loss,
+            record["eval_perplexity"],
+            record["eval_tokens"],
         )
-        if self._eval_file is not None:
-            self._eval_file.write(json.dumps(record) + "\n")
-            self._eval_file.flush()
-        if self._events is not None:
-            self._events.scalars(
-                self.step,
-                {"eval/loss": record["eval_loss"], "eval/perplexity": record["eval_perplexity"]},
-            )
-            self._events.flush()
+        if self.logs is not None:
+            self.logs.eval(record)
         return record
 
     def save(self) -> None:
@@ -654,6 +700,8 @@ class Trainer:
         if data_state is None:  # a bug, not a user error: never save a mismatched position
             raise RuntimeError(f"no data position recorded for the state of step {step}")
         meta = {"data_state": data_state, "tokens_seen": self.tokens_seen}
+        if self.config.train.steps is None:  # a resume need not count the epochs again
+            meta["counted_steps"] = {"for": self._count_key(), "steps": self.total_steps}
         self.checkpointer.save(step, self.state, meta)
         self.last_saved_step = step
 
@@ -677,9 +725,8 @@ class Trainer:
         self.checkpointer.wait()
 
     def _flush(self) -> None:
-        for f in (self._metrics_file, self._eval_file, self._events):
-            if f is not None:
-                f.flush()
+        if getattr(self, "logs", None) is not None:
+            self.logs.flush()
 
     def close(self) -> None:
         """Waits for pending checkpoint writes and closes files — also after a set-up that
@@ -689,11 +736,9 @@ class Trainer:
             checkpointer.wait()
             checkpointer.close()
             self.checkpointer = None
-        for name in ("_metrics_file", "_eval_file", "_events"):
-            f = getattr(self, name, None)
-            if f is not None:
-                f.close()
-                setattr(self, name, None)
+        if getattr(self, "logs", None) is not None:
+            self.logs.close()
+            self.logs = None
         data = getattr(self, "data", None)
         if data is not None:
             data.close()
@@ -737,55 +782,6 @@ def _program_summary(trainer: Trainer) -> str:
         f"mesh data={m.data} expert={m.expert} tensor={m.tensor}, "
         f"{trainer.config.data.batch_size} rows × {trainer.config.data.seq_len} tokens"
     )
-
-
-class _CtrlC:
-    """Ctrl-C during `fit`: the first one stops the loop at the next safe point — after the
-    compile or the running step, never inside the bookkeeping that pairs a state with its data
-    position — and the trainer saves; a second one abandons at once, without saving.
-
-    Python delivers SIGINT as a KeyboardInterrupt in whatever Python code runs next, which
-    during a long XLA compile can be a garbage-collection callback, where the exception is
-    printed and swallowed (seen with jax 0.12): the run would then go on as if nothing happened.
-    Hence a handler that only records the request, and `check()` at the safe points. In a
-    thread other than the main one (where signals cannot be handled) it does nothing.
-    """
-
-    def __init__(self):
-        self.requested = self.abandon = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            self.abandon = True
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("interrupted: stopping after the current step (Ctrl-C again to abandon)")
-
-    def check(self) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-
-
-def _test_step_delay(step: int, ctrl_c: _CtrlC) -> None:
-    """Test hook: with K2JAX_TEST_STEP_DELAY="STEP:SECONDS", wait before running step STEP
-    (after its batch was fetched) — the window in which the Ctrl-C test interrupts a step."""
-    spec = os.environ.get(STEP_DELAY_ENV)
-    if spec:
-        at, seconds = spec.split(":")
-        deadline = time.monotonic() + float(seconds)
-        while int(at) == step and time.monotonic() < deadline and not ctrl_c.requested:
-            time.sleep(0.05)
 
 
 def _finite_or_none(x) -> float | None:
