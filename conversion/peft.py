@@ -41,9 +41,11 @@ What an adapter cannot carry: MuonClip's QK-clip factors (per-head rescaling of 
 kv_b_proj rows of W + s·B·A — not a low-rank update of W) and base parameters trained in full
 (router, norms). `export_peft` refuses a run that has them (factors ≠ 1, trained leaves) unless
 `strict=False`, which exports the adapters alone with a loud warning: the served model then
-differs from the trained one. `k2jax merge` folds both in exactly. Also note that vLLM is reported
-to absorb kv_b_proj into its MLA kernels before LoRA is applied, so an adapter on kv_b_proj has no
-effect there; PEFT/transformers apply it. Export warns when kv_b_proj has a non-zero adapter.
+differs from the trained one. `k2jax merge` folds both in exactly. And vLLM never applies an
+adapter on kv_b_proj: its MLA decode multiplies by W_UK/W_UV split from the base weight at load
+time, and its prefill calls the layer through a reference taken before LoRA wrapping (vLLM issue
+48974); PEFT/transformers and SGLang apply it. Export warns when kv_b_proj has a non-zero adapter
+(README, "Serve your fine-tune").
 """
 
 from __future__ import annotations
@@ -349,9 +351,11 @@ def export_peft(
     kv_b = [m for m in modules if m[-1] == "kv_b_proj"]
     if kv_b and any(np.any(np.asarray(modules[m][1]) != 0) for m in kv_b):
         log.warning(
-            "the adapter includes kv_b_proj; vLLM is reported to absorb kv_b_proj into its MLA "
-            "attention before LoRA is applied, so this part may have no effect there (PEFT and "
-            "transformers apply it; `k2jax merge` folds it in)"
+            "the adapter includes kv_b_proj; vLLM never applies a kv_b_proj adapter (its MLA "
+            "uses W_UK/W_UV split from the base weight; vLLM issue 48974), so that part of the "
+            "fine-tune vanishes there. PEFT, transformers and SGLang apply it; `k2jax merge` "
+            "folds it in exactly. To serve adapters on vLLM, train without kv_b_proj "
+            "(README, 'Serve your fine-tune')"
         )
 
     rank = next(iter(modules.values()))[0].shape[-2]

@@ -255,3 +255,19 @@ def test_base_model_path_is_absolute_and_never_the_output(tmp_path, monkeypatch)
                 cfg, lc, tree, None, target, base_model_name_or_path="ckpt/base", overwrite=True
             )
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["base"]
+
+
+def test_kv_b_proj_adapter_warns_for_vllm(exported, tmp_path, caplog):
+    """vLLM never applies a kv_b_proj adapter (README "Serve your fine-tune"): an export with a
+    non-zero kv_b_proj part says so; one without kv_b_proj (or with it all zero) does not."""
+    cfg, trees, _, _, _ = exported
+    caplog.set_level("WARNING", logger="k2jax.conversion.peft")
+    export_peft(cfg, LORAS["subset"], trees["subset"], None, tmp_path / "with")
+    assert "vLLM never applies a kv_b_proj adapter" in caplog.text
+    caplog.clear()
+    export_peft(cfg, LORAS["down"], trees["down"], None, tmp_path / "without")
+    zeroed = jax.tree.map(np.array, trees["subset"])
+    for stack in ("dense_layers", "moe_layers"):
+        zeroed[stack]["self_attn"]["kv_b_proj"]["lora_B"][...] = 0
+    export_peft(cfg, LORAS["subset"], zeroed, None, tmp_path / "zero")
+    assert "kv_b_proj" not in caplog.text
