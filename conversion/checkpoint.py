@@ -20,6 +20,8 @@ from pathlib import Path
 import jax
 
 from k2jax.config import ConfigError, ModelConfig
+from k2jax.conversion.safetensors_io import CheckpointError
+from k2jax.conversion.vision_loader import VISION_ROOTS, load_vision
 from k2jax.model import ComputeConfig
 
 
@@ -33,8 +35,10 @@ def read_checkpoint(
     config_overrides: dict | None = None,
     progress: bool | None = None,
     check_finite: bool = True,
+    vision: bool | None = False,
 ) -> tuple[ModelConfig, ComputeConfig, dict]:
-    """Reads a checkpoint folder; the arguments are `k2jax.load_model`'s (see there)."""
+    """Reads a checkpoint folder; the arguments are `k2jax.load_model`'s (see there). With a
+    vision tower loaded, the params also hold "vision_tower" and "mm_projector"."""
     from k2jax.conversion.loader import HFCheckpoint, abstract_params
     from k2jax.conversion.orbax_io import is_converted, read_metadata, restore_params
 
@@ -61,7 +65,15 @@ def read_checkpoint(
                 f"{path} was converted with experts={stored_experts!r}; load it with that (or "
                 f"convert the Hugging Face checkpoint again with --experts {compute.experts})"
             )
-        abstract = abstract_params(cfg, compute)
+        vcfg = None
+        if vision is not False:
+            vcfg = None if hf is None else hf.vision
+            problem = "a converted folder holds the text model only" if hf is None else None
+            if vision and vcfg is None:
+                raise CheckpointError(
+                    f"{path}: no vision tower to load: {problem or hf.vision_problem}"
+                )
+        abstract = abstract_params(cfg, compute, vcfg)
         shardings = None
         if mesh is not None:
             from k2jax.sharding import check_mesh_fits, param_shardings
@@ -73,7 +85,20 @@ def read_checkpoint(
                 path, abstract, shardings, progress=progress, check_finite=check_finite
             )
         else:
-            params = hf.load(abstract, shardings, progress=progress, check_finite=check_finite)
+            text = {k: v for k, v in abstract.items() if k not in VISION_ROOTS}
+            text_sh = None if shardings is None else {k: shardings[k] for k in text}
+            params = hf.load(text, text_sh, progress=progress, check_finite=check_finite)
+            if vcfg is not None:
+                params = dict(params)
+                params.update(
+                    load_vision(
+                        hf.index,
+                        vcfg,
+                        {k: abstract[k] for k in VISION_ROOTS},
+                        None if shardings is None else {k: shardings[k] for k in VISION_ROOTS},
+                        check_finite=check_finite,
+                    )
+                )
     finally:
         if hf is not None:
             hf.close()

@@ -69,6 +69,7 @@ from k2jax.conversion.pieces import (
     progress_bar,
 )
 from k2jax.conversion.safetensors_io import CheckpointError, CheckpointIndex
+from k2jax.conversion.vision_loader import find_vision
 from k2jax.quant import quantize_int4
 
 __all__ = [
@@ -137,12 +138,16 @@ class HFCheckpoint:
         wrapped = self.config_json.get("model_type") == "kimi_k25"
         self.prefix = K25_PREFIX if wrapped or any(n.startswith(K25_PREFIX) for n in names) else ""
         skipped = [n for n in names if n.startswith(SKIPPED_PREFIXES)]
-        if skipped:
+        # the vision tower is read by conversion/vision_loader.py, when it is complete
+        self.vision, self.vision_problem = find_vision(self.config_json, names, source=source)
+        if skipped and self.vision is None:
             log.info(
-                "%s: skipping %d vision/projector tensors (%s...): not part of the text model",
+                "%s: skipping %d vision/projector tensors (%s...): not part of the text model "
+                "(no usable vision tower: %s)",
                 self.folder,
                 len(skipped),
                 skipped[0],
+                self.vision_problem,
             )
         self._stored = {n for n in names if not n.startswith(SKIPPED_PREFIXES)}
 

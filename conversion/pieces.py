@@ -191,14 +191,15 @@ def _spec_of(sharding, axis: int):
 
 
 @functools.lru_cache(maxsize=16)
-def abstract_params(cfg: ModelConfig, compute):
-    """The boxed abstract "params" of a model (shapes, dtypes, logical axes; no memory).
+def abstract_params(cfg: ModelConfig, compute, vision=None):
+    """The boxed abstract "params" of a model (shapes, dtypes, logical axes; no memory), with
+    the vision tower and projector when `vision` (a VisionConfig) is given.
 
-    Cached per (config, compute): tracing the model's init costs about a second."""
+    Cached per (config, compute, vision): tracing the model's init costs about a second."""
     from k2jax.model import Transformer
     from k2jax.model.transformer import init_variables
 
-    model = Transformer(cfg, compute)
+    model = Transformer(cfg, compute, vision=vision)
     return jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))["params"]
 
 

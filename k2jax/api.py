@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from k2jax.config import ModelConfig
+from k2jax.config.vision import VisionConfig
 from k2jax.lora import LoraConfig
 from k2jax.model import ComputeConfig, Transformer
 
@@ -39,10 +40,12 @@ class K2Model:
     mesh: jax.sharding.Mesh | None = None
     path: Path | None = None  # the folder it was loaded from (tokenizer, chat template)
     qk_clip: dict | None = None  # MuonClip's per-head factors of a fine-tune (k2jax.model.mla)
+    vision: VisionConfig | None = None  # K2.5's vision tower, when loaded (params hold it)
 
     @property
     def module(self) -> Transformer:
-        return Transformer(self.config, self.compute, self.lora_config if self.lora else None)
+        lora = self.lora_config if self.lora else None
+        return Transformer(self.config, self.compute, lora, vision=self.vision)
 
     def variables(self) -> dict:
         v = {"params": self.params}
@@ -54,17 +57,26 @@ class K2Model:
 
     @property
     def _logits_fn(self):
-        return _logits_program(self.config, self.compute, self.lora_config if self.lora else None)
+        lora = self.lora_config if self.lora else None
+        return _logits_program(self.config, self.compute, lora, self.vision)
 
-    def logits(self, tokens, positions=None, segment_ids=None) -> jax.Array:
-        """[B, T] token ids → [B, T, vocab] float32 logits (positions/segments for packed rows)."""
+    def logits(
+        self, tokens, positions=None, segment_ids=None, *, pixel_values=None, image_grid_thw=None
+    ) -> jax.Array:
+        """[B, T] token ids → [B, T, vocab] float32 logits (positions/segments for packed rows).
+
+        Images (a K2.5 checkpoint with its vision tower): `pixel_values` [N, 3, P, P] (or
+        [N, 3·P·P]) and `image_grid_thw` [I, 3], as transformers' Kimi_K25 image processor
+        returns them; the prompt holds one image token per merged patch group of each image.
+        """
         tokens = jnp.asarray(tokens, jnp.int32)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
         if int(jnp.max(tokens)) >= self.config.vocab_size or int(jnp.min(tokens)) < 0:
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size})")
+        images = self._images(tokens, pixel_values, image_grid_thw)
         if self.mesh is None:
-            return self._logits_fn(self.variables(), tokens, positions, segment_ids)
+            return self._logits_fn(self.variables(), tokens, positions, segment_ids, images)
         from k2jax.sharding import spec_for, use_mesh
 
         # Rows split over data × expert when they divide evenly, else every device sees them all.
@@ -76,7 +88,39 @@ class K2Model:
             for x in (tokens, positions, segment_ids)
         )
         with use_mesh(self.mesh):
-            return self._logits_fn(self.variables(), tokens, positions, segment_ids)
+            return self._logits_fn(self.variables(), tokens, positions, segment_ids, images)
+
+    def _images(self, tokens, pixel_values, image_grid_thw) -> dict | None:
+        """The `images` argument of Transformer (k2jax.model.vision), checked against the prompt."""
+        if pixel_values is None and image_grid_thw is None:
+            return None
+        if self.vision is None:
+            raise ValueError(
+                "images were given, but this model has no vision tower (a Kimi-K2.5 / K2.6 "
+                "checkpoint folder with vision_tower.* tensors loads one)"
+            )
+        if pixel_values is None or image_grid_thw is None:
+            raise ValueError("pass pixel_values and image_grid_thw together")
+        from k2jax.model.vision import grid_inputs
+
+        v = self.vision
+        images = grid_inputs(image_grid_thw, v)
+        pixels = np.asarray(pixel_values, np.float32)
+        n = len(images["segment"])
+        if pixels.shape[0] != n or pixels[0].size != v.patch_features:
+            raise ValueError(
+                f"pixel_values has shape {pixels.shape}; image_grid_thw implies {n} patches of "
+                f"3×{v.patch_size}×{v.patch_size}"
+            )
+        want = len(images["merge_index"])
+        have = int(jnp.sum(tokens == v.image_token_id))
+        if have != want:
+            raise ValueError(
+                f"the prompt has {have} image tokens (id {v.image_token_id}); the images need "
+                f"{want} (one per {v.merge_kernel[0]}×{v.merge_kernel[1]} patches)"
+            )
+        images["pixel_values"] = pixels.reshape(n, -1)
+        return images
 
     def generate(
         self,
@@ -130,11 +174,18 @@ class K2Model:
 
 
 @functools.lru_cache(maxsize=32)
-def _logits_program(config: ModelConfig, compute: ComputeConfig, lora: LoraConfig | None):
+def _logits_program(
+    config: ModelConfig,
+    compute: ComputeConfig,
+    lora: LoraConfig | None,
+    vision: VisionConfig | None = None,
+):
     """One jitted logits function per architecture, shared by every K2Model that has it (a
     second model of the same shape does not compile again)."""
-    module = Transformer(config, compute, lora)
-    return jax.jit(lambda v, t, p, s: module.apply(v, t, p, s, method=Transformer.logits))
+    module = Transformer(config, compute, lora, vision=vision)
+    return jax.jit(
+        lambda v, t, p, s, images=None: module.apply(v, t, p, s, images, method=Transformer.logits)
+    )
 
 
 def load_finetune(
@@ -244,6 +295,7 @@ def load_model(
     config_overrides: dict | None = None,
     progress: bool | None = None,
     check_finite: bool = True,
+    vision: bool | None = None,
 ) -> K2Model:
     """Loads a checkpoint folder: Hugging Face (config.json + safetensors, bf16 / FP8 / INT4,
     K2 or K2.5 layout) or converted by `k2jax convert` (Orbax).
@@ -259,6 +311,9 @@ def load_model(
     progress: a progress bar (default: only on a terminal).
     check_finite: refuse weights holding NaN or Inf (a CheckpointError naming the files and
         tensors); False loads them as they are.
+    vision: Kimi-K2.5's vision tower and projector — None loads them when the folder has a
+        complete tower (else the text model, with a log line saying why), True requires them,
+        False skips them.
     """
     from k2jax.conversion.checkpoint import read_checkpoint
 
@@ -271,8 +326,14 @@ def load_model(
         config_overrides=config_overrides,
         progress=progress,
         check_finite=check_finite,
+        vision=vision,
     )
-    return K2Model(cfg, compute, params, mesh=mesh, path=Path(path))
+    vcfg = None
+    if "vision_tower" in params:
+        from k2jax.config import read_hf_config
+
+        vcfg = VisionConfig.from_hf_dict(read_hf_config(path), source=str(Path(path)))
+    return K2Model(cfg, compute, params, mesh=mesh, path=Path(path), vision=vcfg)
 
 
 def _as_run(run, step: int | None):

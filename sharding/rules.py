@@ -75,6 +75,12 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
     ("qk_clip_part", None),
     ("qk_clip_heads", None),
+    # Kimi-K2.5's vision tower and projector (~0.4B parameters): replicated on every device
+    ("vision_embed", None),
+    ("vision_qkv", None),
+    ("vision_mlp", None),
+    ("vision_patch", None),
+    ("vision_pos", None),
 )
 
 _RULE_MAP = dict(RULES)

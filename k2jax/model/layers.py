@@ -73,7 +73,8 @@ def lora_a_init(fan_in: int):
 
 
 class Linear(nn.Module):
-    """y = x·Wᵀ (+ s·(dropout(x)·Aᵀ)·Bᵀ), W in HF's [out, in] layout; no bias (Kimi has none).
+    """y = x·Wᵀ (+ b) (+ s·(dropout(x)·Aᵀ)·Bᵀ), W in HF's [out, in] layout. The language model
+    has no biases; the vision tower does (`bias=True`).
 
     `axes` names W's (out, in) logical axes. The LoRA pair exists when `lora` targets this module
     (k2jax.lora); dropout is active only when a "dropout" rng is passed to `apply`.
@@ -83,6 +84,7 @@ class Linear(nn.Module):
     axes: tuple[str, str]
     compute: ComputeConfig
     lora: LoraConfig | None = None
+    bias: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -96,6 +98,14 @@ class Linear(nn.Module):
         )
         x = x.astype(dtype)
         y = jnp.einsum("...i,oi->...o", x, w.astype(dtype))
+        if self.bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, self.axes[:1]),
+                (self.features,),
+                self.compute.jnp_param_dtype,
+            )
+            y = y + bias.astype(dtype)
         if self.lora is not None and self.lora.applies_to(module_path(self)):
             out_axis, in_axis = self.axes
             r = self.lora.rank

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from k2jax.config import ModelConfig
+from k2jax.config.vision import VisionConfig
 from k2jax.lora import LoraConfig
 from k2jax.model import context_parallel as cp
 from k2jax.model.layers import MLP, Embed, RMSNorm
@@ -33,6 +34,7 @@ from k2jax.model.loss import chunked_cross_entropy
 from k2jax.model.mla import MLA
 from k2jax.model.moe import MoE
 from k2jax.model.options import ComputeConfig
+from k2jax.model.vision import MoonViT, Projector, grid_inputs
 from k2jax.ops.einsum import einsum_acc
 from k2jax.sharding.rules import constrain, token_axes
 
@@ -107,11 +109,17 @@ class Transformer(nn.Module):
     __call__(tokens, positions, segment_ids) -> (final-normed hidden [B, T, D], aux)
     logits(tokens, ...) -> [B, T, V] in float32
     loss(tokens, targets, loss_mask, ...) -> dict of sums (see k2jax.model.loss) and aux
+
+    With `vision` (Kimi-K2.5 / K2.6) the model also holds the vision tower and projector
+    (k2jax.model.vision), and each method takes `images`: {"pixel_values": [N, 3·P·P], and the
+    arrays of `grid_inputs`} — the image features replace, in order, the embeddings of the
+    prompt's image tokens (`vision.image_token_id`), one per merged patch group.
     """
 
     cfg: ModelConfig
     compute: ComputeConfig = ComputeConfig()
     lora: LoraConfig | None = None
+    vision: VisionConfig | None = None
 
     def setup(self):
         c = self.cfg
@@ -131,12 +139,27 @@ class Transformer(nn.Module):
             )
         self.norm = RMSNorm(c.rms_norm_eps, self.compute)
         self.lm_head = LMHead(c.vocab_size, c.hidden_size, self.compute)
+        if self.vision is not None:
+            self.vision_tower = MoonViT(self.vision, self.compute, self.lora)
+            self.mm_projector = Projector(self.vision, self.compute, self.lora)
 
-    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
-        h, aux, n = self._hidden(tokens_BT, positions_BT, segment_ids_BT)
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, images=None):
+        h, aux, n = self._hidden(tokens_BT, positions_BT, segment_ids_BT, images=images)
         return cp.from_layout(h, n), aux
 
-    def _hidden(self, tokens_BT, positions_BT, segment_ids_BT, *, decoding=False):
+    def _image_slots(self, tokens_BT, images):
+        """(image features [M, D], slot [B, T]: the feature each token takes, −1 for none)."""
+        if images is None:
+            return None, None
+        if self.vision is None:
+            raise ValueError("images were passed to a model without a vision tower")
+        merged = self.vision_tower(images["pixel_values"], images)
+        features = self.mm_projector(merged)
+        is_image = (tokens_BT == self.vision.image_token_id).reshape(-1)
+        slot = jnp.where(is_image, jnp.cumsum(is_image) - 1, -1).reshape(tokens_BT.shape)
+        return features, slot.astype(jnp.int32)
+
+    def _hidden(self, tokens_BT, positions_BT, segment_ids_BT, *, decoding=False, images=None):
         """(final-normed hidden [B, T, D] in the context-parallel layout, aux, degree n): with
         n > 1 the rows are in zig-zag order (k2jax/model/context_parallel.py), else natural."""
         B, T = tokens_BT.shape
@@ -147,10 +170,15 @@ class Transformer(nn.Module):
         n = 1
         if not (decoding or self.is_initializing()):
             n = cp.degree(self.compute.context_parallel)
+        features, slot_BT = self._image_slots(tokens_BT, images)
         tokens_BT, positions_BT, segment_ids_BT = (
             cp.to_layout(x, n) for x in (tokens_BT, positions_BT, segment_ids_BT)
         )
         x = self.embed_tokens(tokens_BT)
+        if features is not None:
+            slot_BT = cp.to_layout(slot_BT, n)
+            picked = jnp.take(features.astype(x.dtype), jnp.maximum(slot_BT, 0), axis=0)
+            x = jnp.where((slot_BT >= 0)[..., None], picked, x)
         aux = {}
         if self.cfg.num_dense_layers:
             x, aux["dense"] = self.dense_layers(x, positions_BT, segment_ids_BT)
@@ -161,8 +189,8 @@ class Transformer(nn.Module):
     def head_weight(self) -> jax.Array:
         return self.lm_head.weight
 
-    def logits(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
-        h, _ = self(tokens_BT, positions_BT, segment_ids_BT)
+    def logits(self, tokens_BT, positions_BT=None, segment_ids_BT=None, images=None):
+        h, _ = self(tokens_BT, positions_BT, segment_ids_BT, images)
         w = self.head_weight()
         return einsum_acc("btd,vd->btv", h, w.astype(h.dtype))
 
@@ -188,8 +216,9 @@ class Transformer(nn.Module):
         segment_ids_BT=None,
         *,
         z_weight=0.0,
+        images=None,
     ):
-        h, aux, n = self._hidden(tokens_BT, positions_BT, segment_ids_BT)
+        h, aux, n = self._hidden(tokens_BT, positions_BT, segment_ids_BT, images=images)
         mode = self.compute.context_parallel
         flat = lambda x: cp.flatten_tokens(cp.to_layout(x, n), mode)  # noqa: E731
         sums = chunked_cross_entropy(
@@ -213,8 +242,15 @@ def init_variables(model: Transformer, rng: jax.Array, *, seq_len: int = 8, lora
     rngs = {"params": rng}
     if lora_rng is not None:
         rngs["lora"] = lora_rng
+    images = None
+    if model.vision is not None:  # one smallest image, so the vision weights are created too
+        v = model.vision
+        images = grid_inputs([[1, *v.merge_kernel]], v)
+        images["pixel_values"] = jnp.zeros((v.merge_size, v.patch_features), jnp.float32)
     # jit: un-jitted init of a scanned model runs op by op and is many times slower.
-    return jax.jit(lambda r: model.init(r, tokens, method=Transformer.logits))(rngs)
+    return jax.jit(lambda r, im: model.init(r, tokens, None, None, im, method=Transformer.logits))(
+        rngs, images
+    )
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> dict:

@@ -1,0 +1,224 @@
+"""Kimi-K2.5's vision side in Flax: the MoonViT tower, the 2×2 patch merger and the projector.
+
+    patches [N, 3·P·P] ─ patch_embed.proj ─ + pos_emb (resampled to each image's grid)
+        ─ blocks × L: x + wo(attn(norm0(x))),  x + mlp.fc1(gelu_tanh(mlp.fc0(norm1(x))))
+        ─ final_layernorm ─ 2×2 merge [M, 4, Dv] ─ mm_projector: pre_norm, proj.0, gelu, proj.2
+        → image features [M, D] that replace the M <|media_pad|> tokens of the prompt.
+
+Images of different sizes are packed into one sequence of N patches (raster order per image,
+images one after another, as transformers' Kimi_K25 image processor emits `pixel_values`
+[N, 3, P, P]); attention is block-diagonal — a patch sees the patches of its own image only.
+
+Everything that depends on the images' grids (`image_grid_thw`, [I, 3] of (t, h, w) patches) is
+computed on the host by `grid_inputs`, so the jitted model sees only arrays of static shape:
+
+* `pos_index`, `pos_weight` [N, 16]: the bicubic resampling of the learned [Hp, Wp, Dv] position
+  table to each image's (h, w) grid, as 16 taps per patch — `F.interpolate(mode="bicubic",
+  align_corners=False)` (Keys kernel, a = −0.75, border-clamped), which both Moonshot's code and
+  transformers use (a grid equal to the table's size gets the identity weights);
+* `pos_hw` [N, 2]: each patch's (row, column) for the 2-D rotary embedding;
+* `segment` [N]: the image each patch belongs to (the block-diagonal mask);
+* `merge_index` [M, 4]: the four patches of every merged token, (kh, kw) in raster order.
+
+Layout of wqkv. The released checkpoints keep Moonshot's complex-number rotary layout: within a
+head, rows (2j, 2j+1) of q and k are one rotated pair, turned by the angle w·f_i (j = 2i) or
+h·f_i (j = 2i+1), f_i = θ^(−4i/head_dim). transformers permutes those rows at load time to use its
+rotate-half form (PermuteForRope); k2jax keeps the released layout and rotates interleaved pairs
+— the same attention, and the weights stay byte-for-byte the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from k2jax.config.vision import VisionConfig
+from k2jax.lora import LoraConfig
+from k2jax.model.layers import Linear
+from k2jax.model.options import ComputeConfig, accum_dtype
+
+__all__ = ["MoonViT", "Projector", "grid_inputs", "layer_norm"]
+
+_TAPS = np.arange(-1, 3)  # bicubic: floor−1 .. floor+2
+
+
+def _axis_taps(index: np.ndarray, size: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bicubic taps into a `side`-long table for positions `index` of an axis of `size`
+    (align_corners=False, border clamp), in float32 like torch."""
+    src = (index.astype(np.float32) + np.float32(0.5)) * np.float32(side / size) - np.float32(0.5)
+    floor = np.floor(src)
+    taps = np.clip(floor.astype(np.int64)[:, None] + _TAPS, 0, side - 1)
+    d = np.abs(src[:, None] - floor[:, None] - _TAPS.astype(np.float32))
+    a = np.float32(-0.75)
+    near = ((a + 2) * d - (a + 3)) * d * d + 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+    return taps, np.where(d <= 1, near, far).astype(np.float32)
+
+
+def grid_inputs(image_grid_thw, cfg: VisionConfig) -> dict[str, np.ndarray]:
+    """The host-side arrays of a batch of images (module docstring), from [I, 3] (t, h, w)."""
+    grid = np.asarray(image_grid_thw, dtype=np.int64)
+    if grid.ndim != 2 or grid.shape[1] != 3 or not len(grid):
+        raise ValueError(f"image_grid_thw must be [images, 3] (t, h, w), got shape {grid.shape}")
+    kh, kw = cfg.merge_kernel
+    index, weight, hw, segment, merge = [], [], [], [], []
+    start = 0
+    for i, (t, h, w) in enumerate(grid.tolist()):
+        if t != 1:
+            raise ValueError(f"image {i}: t = {t}; only still images (t = 1) are supported")
+        if h <= 0 or w <= 0 or h % kh or w % kw:
+            raise ValueError(
+                f"image {i}: a grid of {h}×{w} patches does not split into {kh}×{kw} merges"
+            )
+        rows, cols = np.divmod(np.arange(h * w), w)
+        h_taps, h_w = _axis_taps(rows, h, cfg.pos_emb_height)
+        w_taps, w_w = _axis_taps(cols, w, cfg.pos_emb_width)
+        index.append((h_taps[:, :, None] * cfg.pos_emb_width + w_taps[:, None, :]).reshape(-1, 16))
+        weight.append((h_w[:, :, None] * w_w[:, None, :]).reshape(-1, 16))
+        hw.append(np.stack([rows, cols], -1))
+        segment.append(np.full(h * w, i))
+        ids = np.arange(start, start + h * w).reshape(h // kh, kh, w // kw, kw)
+        merge.append(ids.transpose(0, 2, 1, 3).reshape(-1, kh * kw))
+        start += h * w
+    return {
+        "pos_index": np.concatenate(index).astype(np.int32),
+        "pos_weight": np.concatenate(weight).astype(np.float32),
+        "pos_hw": np.concatenate(hw).astype(np.int32),
+        "segment": np.concatenate(segment).astype(np.int32),
+        "merge_index": np.concatenate(merge).astype(np.int32),
+    }
+
+
+def layer_norm(x, weight, bias, eps: float):
+    """LayerNorm over the last axis in float32 (at least), back to x's dtype."""
+    x32 = x.astype(accum_dtype(x.dtype))
+    mean = jnp.mean(x32, -1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), -1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * weight.astype(y.dtype) + bias.astype(y.dtype)).astype(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    eps: float
+    compute: ComputeConfig
+    axis_name: str = "vision_embed"
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        part = lambda init: nn.with_logical_partitioning(init, (self.axis_name,))  # noqa: E731
+        dt = self.compute.jnp_param_dtype
+        w = self.param("weight", part(nn.initializers.ones), (d,), dt)
+        b = self.param("bias", part(nn.initializers.zeros), (d,), dt)
+        return layer_norm(x, w, b, self.eps)
+
+
+def _rotate_pairs(x_NHD, angles_ND2):
+    """Rotates interleaved pairs (x[2j], x[2j+1]) of every head by angles[:, j], in float32."""
+    N, H, D = x_NHD.shape
+    x = x_NHD.astype(jnp.float32).reshape(N, H, D // 2, 2)
+    cos, sin = jnp.cos(angles_ND2)[:, None], jnp.sin(angles_ND2)[:, None]
+    x0, x1 = x[..., 0], x[..., 1]
+    out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1)
+    return out.reshape(N, H, D).astype(x_NHD.dtype)
+
+
+class Block(nn.Module):
+    """One MoonViT encoder block (pre-norm attention and MLP, biases everywhere)."""
+
+    cfg: VisionConfig
+    compute: ComputeConfig
+    lora: LoraConfig | None = None
+
+    @nn.compact
+    def __call__(self, x_ND, angles_ND2, mask_NN):
+        c, kw = self.cfg, dict(compute=self.compute, lora=self.lora, bias=True)
+        N, D = x_ND.shape
+        H, hd = c.num_heads, c.head_dim
+        h = LayerNorm(1e-5, self.compute, name="norm0")(x_ND)
+        qkv = Linear(3 * D, ("vision_qkv", "vision_embed"), name="wqkv", **kw)(h)
+        q, k, v = (t.reshape(N, H, hd) for t in jnp.split(qkv, 3, axis=-1))
+        q, k = _rotate_pairs(q, angles_ND2), _rotate_pairs(k, angles_ND2)
+        acc = accum_dtype(q.dtype)
+        logits = jnp.einsum("nhd,mhd->hnm", q, k, preferred_element_type=acc) * hd**-0.5
+        logits = jnp.where(mask_NN[None], logits, jnp.finfo(acc).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        o = jnp.einsum("hnm,mhd->nhd", probs, v, preferred_element_type=acc).astype(q.dtype)
+        x_ND = x_ND + Linear(D, ("vision_embed", "vision_embed"), name="wo", **kw)(o.reshape(N, D))
+        h = LayerNorm(1e-5, self.compute, name="norm1")(x_ND)
+        h = Linear(c.intermediate_size, ("vision_mlp", "vision_embed"), name="fc0", **kw)(h)
+        h = nn.gelu(h, approximate=c.hidden_act == "gelu_pytorch_tanh")
+        return x_ND + Linear(D, ("vision_embed", "vision_mlp"), name="fc1", **kw)(h), None
+
+
+class MoonViT(nn.Module):
+    """The vision tower: patches [N, 3·P·P] and `grid_inputs` → merged [M, merge, Dv]."""
+
+    cfg: VisionConfig
+    compute: ComputeConfig
+    lora: LoraConfig | None = None
+
+    @nn.compact
+    def __call__(self, patches_NF, grid):
+        c = self.cfg
+        dt = self.compute.jnp_dtype
+        # the stride-P convolution of the checkpoint is this matmul on flattened (c, kh, kw) patches
+        x = Linear(
+            c.hidden_size,
+            ("vision_embed", "vision_patch"),
+            self.compute,
+            bias=True,
+            name="patch_embed_proj",
+        )(patches_NF.astype(dt))
+        table = self.param(
+            "pos_emb",
+            nn.with_logical_partitioning(
+                nn.initializers.normal(0.02), ("vision_pos", "vision_pos", "vision_embed")
+            ),
+            (c.pos_emb_height, c.pos_emb_width, c.hidden_size),
+            self.compute.jnp_param_dtype,
+        ).reshape(-1, c.hidden_size)
+        taps = jnp.take(table, grid["pos_index"], axis=0).astype(jnp.float32)  # [N, 16, Dv]
+        pos = jnp.einsum("nk,nkd->nd", grid["pos_weight"], taps)
+        x = x + pos.astype(x.dtype)
+
+        quarter = c.head_dim // 4
+        inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, 2 * quarter, 2) / (2 * quarter)))
+        hw = grid["pos_hw"].astype(jnp.float32)
+        # pair 2i turns by column·f_i, pair 2i+1 by row·f_i (module docstring)
+        angles = jnp.stack([hw[:, 1:2] * inv_freq, hw[:, 0:1] * inv_freq], -1).reshape(
+            hw.shape[0], -1
+        )
+        mask = grid["segment"][:, None] == grid["segment"][None, :]
+        blocks = nn.scan(
+            Block,
+            variable_axes={"params": 0, "lora": 0},
+            split_rngs={"params": True, "lora": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = blocks(c, self.compute, self.lora, name="blocks")(x, angles, mask)
+        x = LayerNorm(1e-5, self.compute, name="final_layernorm")(x)
+        return jnp.take(x, grid["merge_index"], axis=0)  # [M, merge, Dv]
+
+
+class Projector(nn.Module):
+    """mm_projector: LayerNorm per patch, the merged patches concatenated, Linear–GELU–Linear."""
+
+    cfg: VisionConfig
+    compute: ComputeConfig
+    lora: LoraConfig | None = None
+
+    @nn.compact
+    def __call__(self, merged_MKD):
+        c, kw = self.cfg, dict(compute=self.compute, lora=self.lora, bias=True)
+        M = merged_MKD.shape[0]
+        x = LayerNorm(c.projection_eps, self.compute, name="pre_norm")(merged_MKD)
+        x = x.reshape(M, -1)
+        width = x.shape[-1]
+        x = Linear(width, ("vision_mlp", "vision_mlp"), name="proj_0", **kw)(x)
+        x = nn.gelu(x, approximate=False)
+        return Linear(c.text_hidden_size, ("embed", "vision_mlp"), name="proj_2", **kw)(x)
