@@ -24,6 +24,13 @@ import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 
+def require_all_loaded(info: dict, what: str) -> None:
+    """Exit with the keys `from_pretrained(..., output_loading_info=True)` did not match."""
+    bad = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
+    if bad or info.get("error_msgs"):
+        raise SystemExit(f"{what}: transformers did not load every tensor: {bad} {info}")
+
+
 def randomize(model: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

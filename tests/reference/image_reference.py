@@ -12,7 +12,9 @@ with the processor's defaults and with max_patches=64 (so large images are resiz
 np.savez, no pickles).
 
 The processor runs on torchvision, whose wheel here is a CUDA build whose compiled ops cannot
-load next to the CPU torch; its pure-Python image functions (all the processor uses: tensor
+load next to the CPU torch (and, installed in site-packages, would break every `import
+transformers`: scripts/setup keeps it in .venv-ref/extra, which only this script puts on its
+path); its pure-Python image functions (all the processor uses: tensor
 resize, pad, normalize) work. So torchvision is imported with the registration of those missing
 compiled ops' fake kernels skipped — nothing else is changed.
 """
@@ -20,14 +22,18 @@ compiled ops' fake kernels skipped — nothing else is changed.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.library
 
+EXTRA = Path(__file__).resolve().parents[2] / ".venv-ref" / "extra"  # scripts/setup puts it there
+
 
 def _import_torchvision():
+    sys.path.insert(0, str(EXTRA))
     original = torch.library.register_fake
 
     def lenient(op, *args, **kwargs):

@@ -25,11 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hf_model import require_all_loaded
 
 
 def load(folder: Path) -> DeepseekV3ForCausalLM:
@@ -42,9 +46,7 @@ def load(folder: Path) -> DeepseekV3ForCausalLM:
         dtype=torch.float32,
         output_loading_info=True,
     )
-    bad = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
-    if bad or info.get("error_msgs"):
-        raise SystemExit(f"{folder}: transformers did not load every tensor: {bad} {info}")
+    require_all_loaded(info, f"{folder}")
     return model.eval()
 
 
