@@ -11,10 +11,11 @@ Two spellings of the same config exist, and both are read:
   pos_emb_time, hidden_act, rope_parameters}` and top-level `projection_hidden_size`,
   `projection_layer_norm_eps`, `image_token_id`, `vision_start_token_id`, `vision_end_token_id`.
 
-A value given under both names must agree; a value under neither is an error naming both (no
-architecture constant is guessed). Two values have no key in the released config and are
-constants of Moonshot's MoonViT code, which transformers' defaults repeat: the rotary base 10000
-and the tanh-approximated GELU in the tower's MLP.
+A value given under both names must agree; an architecture value (sizes, layers, heads, position
+table, merge kernel, image token id) under neither is an error naming both. Defaults are taken
+only where transformers takes them too: the projector's width (the tower's) and eps (1e-5), the
+rotary base 10000 and the tanh-approximated GELU of the tower's MLP — the last two have no key in
+the released config and are constants of Moonshot's MoonViT code.
 """
 
 from __future__ import annotations
