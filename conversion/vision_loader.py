@@ -78,14 +78,6 @@ def _leaves(abstract) -> list[tuple[tuple[str, ...], jax.ShapeDtypeStruct]]:
     return [(tuple(k.key for k in p), x) for p, x in flat]
 
 
-def _names(abstract, cfg: VisionConfig) -> dict[str, tuple[tuple[str, ...], int | None]]:
-    out = {}
-    for path, _ in _leaves(abstract):
-        blocks = range(cfg.num_layers) if path[1] == "blocks" else [None]
-        out.update({vision_name(path, b): (path, b) for b in blocks})
-    return out
-
-
 def find_vision(config_json: dict, names, *, source: str) -> tuple[VisionConfig | None, str]:
     """(the VisionConfig, "") when config.json and the stored `names` describe a complete
     vision tower, else (None, why not)."""
@@ -111,7 +103,7 @@ def load_vision(
     flat_shardings = None
     if shardings is not None:
         flat_shardings = [s for _, s in _leaves(shardings)]
-    names = _names(abstract, cfg)
+    names = set(expected_names(cfg))
     extra = sorted(n for n in index.names() if n.startswith(tuple(f"{r}." for r in VISION_ROOTS)))
     unknown = [n for n in extra if n not in names]
     if unknown:

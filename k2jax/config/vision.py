@@ -122,7 +122,9 @@ class VisionConfig:
                 raise ConfigError(
                     f"{source}: vision_config.{key} = {v[key]!r}; only {want!r} is implemented"
                 )
-        time = pick(v, ("pos_emb_time", "init_pos_emb_time"), "vision_config", default=1)
+        # the temporal table only matters for video clips (not supported); its two names must
+        # still agree
+        pick(v, ("pos_emb_time", "init_pos_emb_time"), "vision_config", default=1)
         fields = {f: pick(v, (a, b), f"vision_config.{f}") for f, a, b in _VISION_KEYS}
         merge = tuple(pick(v, ("merge_kernel_size",), "vision_config.merge_kernel_size"))
         rope = v.get("rope_parameters") or {}
@@ -130,7 +132,6 @@ class VisionConfig:
             raise ConfigError(f"{source}: vision rope_type {rope['rope_type']!r} is not 'axial'")
         hidden = fields["hidden_size"]
         proj = pick({**v, **hf}, ("projection_hidden_size", "mm_hidden_size"), "", default=hidden)
-        del time  # the temporal table only matters for video clips (not supported)
         return cls(
             **fields,
             merge_kernel=(int(merge[0]), int(merge[1])),
