@@ -24,6 +24,8 @@ problem an error, `vision=False` never loads it.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -91,6 +93,21 @@ def find_vision(config_json: dict, names, *, source: str) -> tuple[VisionConfig 
     if missing:
         return None, f"{len(missing)} vision tensors are missing ({missing[0]}, ...)"
     return cfg, ""
+
+
+def checkpoint_vision(folder: str | os.PathLike) -> tuple[VisionConfig | None, str]:
+    """`find_vision` of a checkpoint folder, from its config.json and its tensor names (the
+    index or the single file's header; no data is read). A converted (Orbax) folder holds the
+    text model only."""
+    from k2jax.config import read_hf_config
+    from k2jax.conversion.orbax_io import is_converted
+
+    folder = Path(folder)
+    if is_converted(folder):
+        return None, "a converted folder holds the text model only"
+    config_json = read_hf_config(folder)
+    names = CheckpointIndex(folder).names()
+    return find_vision(config_json, names, source=str(folder / "config.json"))
 
 
 def load_vision(

@@ -101,26 +101,9 @@ class K2Model:
             )
         if pixel_values is None or image_grid_thw is None:
             raise ValueError("pass pixel_values and image_grid_thw together")
-        from k2jax.model.vision import grid_inputs
+        from k2jax.model.vision import split_rows
 
-        v = self.vision
-        images = grid_inputs(image_grid_thw, v)
-        pixels = np.asarray(pixel_values, np.float32)
-        n = len(images["segment"])
-        if pixels.shape[0] != n or pixels[0].size != v.patch_features:
-            raise ValueError(
-                f"pixel_values has shape {pixels.shape}; image_grid_thw implies {n} patches of "
-                f"3×{v.patch_size}×{v.patch_size}"
-            )
-        want = len(images["merge_index"])
-        have = int(jnp.sum(tokens == v.image_token_id))
-        if have != want:
-            raise ValueError(
-                f"the prompt has {have} image tokens (id {v.image_token_id}); the images need "
-                f"{want} (one per {v.merge_kernel[0]}×{v.merge_kernel[1]} patches)"
-            )
-        images["pixel_values"] = pixels.reshape(n, -1)
-        return images
+        return split_rows(np.asarray(tokens), pixel_values, image_grid_thw, self.vision)
 
     def generate(
         self,

@@ -18,6 +18,15 @@ the shared experts and the routed experts, "experts.gate_proj" only the routed e
     mlp.{gate_proj, up_proj, down_proj}                      (dense layers)
     mlp.shared_experts.{gate_proj, up_proj, down_proj}
     mlp.experts.{gate_proj, up_proj, down_proj}              (all routed experts, stacked)
+
+Kimi-K2.5's vision side (k2jax.model.vision) has its own paths, which no default target matches
+— the tower and projector stay frozen unless named:
+
+    vision_tower.blocks.{wqkv, wo, fc0, fc1}                 (every MoonViT block, stacked)
+    mm_projector.{proj_0, proj_2}
+
+e.g. `lora.targets = [..., "vision_tower.blocks.*", "mm_projector.*"]`. (The patch embedding, a
+convolution in the checkpoint, takes no adapter.)
 """
 
 from __future__ import annotations
@@ -50,6 +59,14 @@ LINEAR_PATHS = (
     "mlp.experts.up_proj",
     "mlp.experts.down_proj",
 )
+VISION_PATHS = (
+    "vision_tower.blocks.wqkv",
+    "vision_tower.blocks.wo",
+    "vision_tower.blocks.fc0",
+    "vision_tower.blocks.fc1",
+    "mm_projector.proj_0",
+    "mm_projector.proj_2",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +95,16 @@ class LoraConfig:
         if self.init_from is not None and not self.init_from:
             raise ConfigError("lora.init_from: name a PEFT adapter folder, or None")
         for t in self.targets:
-            if not any(_matches(t, p) for p in LINEAR_PATHS):
+            if not any(_matches(t, p) for p in LINEAR_PATHS + VISION_PATHS):
                 raise ConfigError(
                     f"lora.targets: {t!r} matches no linear; known module paths: "
-                    + ", ".join(LINEAR_PATHS)
+                    + ", ".join(LINEAR_PATHS + VISION_PATHS)
                 )
+
+    @property
+    def trains_vision(self) -> bool:
+        """Whether any target is a vision-tower or projector linear."""
+        return any(self.applies_to(p) for p in VISION_PATHS)
 
     @property
     def scale(self) -> float:

@@ -11,7 +11,10 @@ K2-Instruct's FP8 or K2-Thinking's compressed-tensors `quantization_config` with
 tokenizer (`tiktoken.model`, `tokenizer_config.json`; k2jax.data.testing). `layout="k25"` writes
 Kimi-K2.5's form instead: a `kimi_k25` wrapper config with the text model (and its
 quantization_config) in `text_config`, every text tensor prefixed `language_model.`, and a few
-vision-tower and projector tensors that a text loader must skip.
+vision-tower and projector tensors that a text loader must skip — or, with `vision=True`, a
+complete tiny MoonViT and projector under the released names (`TINY_VISION`: 2 blocks of width
+32, 14-pixel patches, an 8×8 position table; config keys in the released vt_* spelling, image
+token `<|media_pad|>` of the tiny tokenizer) that `load_model` and the trainer use.
 
 Weights are random but behave like a trained model's: norm weights near 1, a random router bias
 (so the bias really changes which experts are chosen), Linear weights ~ N(0, 1/fan_in) so
@@ -42,6 +45,7 @@ import ml_dtypes
 import numpy as np
 
 from k2jax.config import ConfigError, ModelConfig
+from k2jax.data.tokenizer import KIMI_SPECIAL_OFFSETS
 
 __all__ = [
     "FP8_QUANTIZATION_CONFIG",
@@ -91,6 +95,27 @@ INT4_QUANTIZATION_CONFIG = {
 }
 FORMATS = ("bf16", "fp8", "int4")
 LAYOUTS = ("k2", "k25")
+# The complete tiny vision tower of make_tiny_checkpoint(layout="k25", vision=True), in the
+# released config spelling (K2_FACTS §1.3).
+TINY_VISION = {
+    "patch_size": 14,
+    "vt_hidden_size": 32,
+    "vt_num_hidden_layers": 2,
+    "vt_num_attention_heads": 2,
+    "vt_intermediate_size": 64,
+    "init_pos_emb_height": 8,
+    "init_pos_emb_width": 8,
+    "init_pos_emb_time": 4,
+    "merge_kernel_size": [2, 2],
+    "mm_hidden_size": 32,
+    "pos_emb_type": "divided_fixed",
+    "merge_type": "sd2_tpool",
+    "mm_projector_type": "patchmerger",
+    "projector_hidden_act": "gelu",
+    "projector_ln_eps": 1e-5,
+}
+# <|media_pad|> of the tiny tokenizer: its 256 byte tokens and 512 merges, then Kimi's specials.
+_TINY_IMAGE_TOKEN = 256 + 512 + KIMI_SPECIAL_OFFSETS["<|media_pad|>"]
 # A few of K2.5's vision-tower / projector tensors (K2_FACTS §1.3), shrunk.
 _VISION_TENSORS = {
     "vision_tower.patch_embed.proj.weight": (16, 3, 14, 14),
@@ -270,6 +295,7 @@ def make_tiny_checkpoint(
     group_size: int = 32,
     tokenizer: bool | None = None,
     overwrite: bool = False,
+    vision: bool = False,
 ) -> Path:
     """Writes a complete Hugging Face-style Kimi checkpoint folder; returns its path.
 
@@ -282,6 +308,8 @@ def make_tiny_checkpoint(
              prefixed `language_model.`, plus vision tensors)
     dtype:   "bfloat16" (as Kimi ships) or "float32" for the unquantized tensors
     tokenizer: write the tiny tokenizer (default: when the vocabulary holds its 1,024 ids)
+    vision:  with layout "k25", a complete tiny vision tower and projector (`TINY_VISION`,
+             in `dtype`) instead of a few stray vision tensors
 
     The folder is assembled under a temporary name and renamed into place when complete.
     """
@@ -293,6 +321,8 @@ def make_tiny_checkpoint(
         raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
     if shards < 1:
         raise ValueError(f"shards must be >= 1, got {shards}")
+    if vision and layout != "k25":
+        raise ValueError("vision=True writes Kimi-K2.5's vision tower: it needs layout='k25'")
     from k2jax.conversion.safetensors_io import INDEX_NAME, write_safetensors
 
     cfg = _resolve_config(config)
@@ -303,9 +333,11 @@ def make_tiny_checkpoint(
     prefix = "language_model." if layout == "k25" else ""
     tensors = {prefix + k: v for k, v in tensors.items()}
     if layout == "k25":
-        for name, shape in _VISION_TENSORS.items():
-            make = functools.partial(_dense_value, name, shape, seed)
-            tensors[name] = _Lazy(shape, ml_dtypes.bfloat16, make)
+        vision_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
+        shapes = _vision_shapes(cfg) if vision else _VISION_TENSORS
+        for name, shape in shapes.items():
+            make = functools.partial(_vision_value, name, shape, seed)
+            tensors[name] = _Lazy(shape, vision_dtype if vision else ml_dtypes.bfloat16, make)
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
@@ -327,7 +359,8 @@ def make_tiny_checkpoint(
             weight_map.update(dict.fromkeys(names[a:b], file))
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(_config_json(cfg, qc, layout), indent=2) + "\n")
+        config_json = _config_json(cfg, qc, layout, vision)
+        (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         if tokenizer or (tokenizer is None and cfg.vocab_size >= 1024):
             from k2jax.data.testing import write_tiny_tokenizer
 
@@ -346,7 +379,56 @@ def make_tiny_checkpoint(
     return folder
 
 
-def _config_json(cfg: ModelConfig, qc: dict | None, layout: str) -> dict:
+def _vision_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the TINY_VISION tower, by released name (conversion/vision_loader.py)."""
+    v = TINY_VISION
+    d, p, inner = v["vt_hidden_size"], v["patch_size"], v["vt_intermediate_size"]
+    merged = d * v["merge_kernel_size"][0] * v["merge_kernel_size"][1]
+    out = {
+        "vision_tower.patch_embed.proj.weight": (d, 3, p, p),
+        "vision_tower.patch_embed.proj.bias": (d,),
+        "vision_tower.patch_embed.pos_emb.weight": (
+            v["init_pos_emb_height"],
+            v["init_pos_emb_width"],
+            d,
+        ),
+    }
+    for n in range(v["vt_num_hidden_layers"]):
+        b = f"vision_tower.encoder.blocks.{n}"
+        for module, (rows, cols) in {
+            "wqkv": (3 * d, d),
+            "wo": (d, d),
+            "mlp.fc0": (inner, d),
+            "mlp.fc1": (d, inner),
+        }.items():
+            out[f"{b}.{module}.weight"] = (rows, cols)
+            out[f"{b}.{module}.bias"] = (rows,)
+        for norm in ("norm0", "norm1"):
+            out[f"{b}.{norm}.weight"] = out[f"{b}.{norm}.bias"] = (d,)
+    for name, width in (
+        ("vision_tower.encoder.final_layernorm", d),
+        ("mm_projector.pre_norm", d),
+    ):
+        out[f"{name}.weight"] = out[f"{name}.bias"] = (width,)
+    out["mm_projector.proj.0.weight"] = (merged, merged)
+    out["mm_projector.proj.0.bias"] = (merged,)
+    out["mm_projector.proj.2.weight"] = (cfg.hidden_size, merged)
+    out["mm_projector.proj.2.bias"] = (cfg.hidden_size,)
+    return out
+
+
+def _vision_value(name: str, shape, seed: int) -> np.ndarray:
+    """LayerNorm weights near 1, small biases, N(0, 1/fan_in) weights (a conv's fan-in is
+    3·P·P)."""
+    x = _rng(seed, name).standard_normal(shape, dtype=np.float32)
+    if name.endswith(".bias"):
+        return 0.02 * x
+    if "norm" in name:
+        return 1.0 + 0.2 * x
+    return x / np.float32(math.sqrt(math.prod(shape[1:]) if len(shape) == 4 else shape[-1]))
+
+
+def _config_json(cfg: ModelConfig, qc: dict | None, layout: str, vision: bool = False) -> dict:
     text = cfg.to_hf_dict()
     text["model_type"] = "kimi_k2"
     text["auto_map"] = {
@@ -358,11 +440,17 @@ def _config_json(cfg: ModelConfig, qc: dict | None, layout: str) -> dict:
         text["quantization_config"] = qc
     if layout == "k2":
         return text
+    media = {}
+    if vision:
+        media = {"media_placeholder_token_id": _TINY_IMAGE_TOKEN}
     return {
         "architectures": ["KimiK25ForConditionalGeneration"],
         "model_type": "kimi_k25",
         "text_config": text,
-        "vision_config": {"patch_size": 14, "vt_hidden_size": 16, "vt_num_hidden_layers": 1},
+        "vision_config": dict(TINY_VISION)
+        if vision
+        else {"patch_size": 14, "vt_hidden_size": 16, "vt_num_hidden_layers": 1},
+        **media,
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,

@@ -411,7 +411,7 @@ def test_split_also_works_for_k2(tok):
                 HI[1],
             ],
             "unsupported content",
-            r"content\[0\] is image_url",
+            r"content\[0\]: images need the kimi_k25 template",
         ),
         (
             [HI[0], {"role": "tool", "content": "r"}, HI[1]],

@@ -30,7 +30,12 @@ BAD_LINES = {
         {"messages": [HI[0], {"role": "tool", "content": "r"}, HI[1]]}
     ),
     "unsupported content": json.dumps(
-        {"messages": [{"role": "user", "content": [{"type": "image_url"}]}, HI[1]]}
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}}]},
+                HI[1],
+            ]
+        }
     ),
     "invalid tools": json.dumps({"tools": {"f": 1}, "messages": HI}),
 }

@@ -256,7 +256,7 @@ def test_declared_sharegpt_tags_map_roles(tok, one, tmp_path):
 def test_a_format_mapping_is_checked_where_it_is_given(tmp_path):
     for kw, match in [
         ({"columns": {"prompt": "q"}}, "need a declared formatting"),
-        ({"formatting": "alpaca", "columns": {"images": "img"}}, "text SFT only"),
+        ({"formatting": "alpaca", "columns": {"videos": "v"}}, "still images only"),
         ({"formatting": "alpaca", "columns": {"promt": "q"}}, "unknown key 'promt'"),
         ({"formatting": "sharegpt", "tags": {"role": "r"}}, "unknown key 'role'"),
         ({"formatting": "markdown"}, "data.formatting: expected"),

@@ -86,6 +86,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from k2jax.data.media import ImagePart, image_part
 from k2jax.data.tokenizer import KimiTokenizer
 
 TEMPLATE_NAMES = ("kimi_k2", "kimi_k2_thinking", "kimi_k25")
@@ -158,39 +159,49 @@ class Piece:
     """A run of the rendered conversation: a special token (by name) or plain text.
 
     weight: the loss weight of this piece's tokens (0: not learned).
+    image: set on an image's `<|media_pad|>` piece, which stands for one pad per merged patch
+      group of that image (k2jax.data.media).
     """
 
     text: str
     special: bool
     weight: float
+    image: ImagePart | None = None
 
 
-def _content_text(content: Any, where: str) -> str:
-    """A message's content as text: a string, None, or a list of OpenAI text parts."""
+def _content(content: Any, where: str) -> tuple[str, tuple[str | ImagePart, ...]]:
+    """(text, parts) of a message's content: a string, None, or a list of OpenAI text and image
+    parts (k2jax.data.media). parts is () when there is no image, else text and ImageParts in
+    order; text is the text parts joined."""
     if content is None:
-        return ""
+        return "", ()
     if isinstance(content, str):
-        return content
+        return content, ()
     if isinstance(content, list):
-        out = []
+        out: list[str | ImagePart] = []
         for i, part in enumerate(content):
             if isinstance(part, str):
                 out.append(part)
                 continue
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
+            try:
+                image = image_part(part, f"{where}: content[{i}]")
+            except ValueError as e:
+                raise ChatFormatError(str(e), "unsupported content") from None
+            if image is not None:
+                out.append(image)
+            elif (
+                isinstance(part, dict)
+                and part.get("type") == "text"
+                and isinstance(part.get("text"), str)
+            ):
                 out.append(part["text"])
-            elif kind in ("image", "image_url", "video", "video_url"):
-                raise ChatFormatError(
-                    f"{where}: content[{i}] is {kind}; k2jax fine-tunes the text model only",
-                    "unsupported content",
-                )
             else:
                 raise ChatFormatError(
-                    f"{where}: content[{i}] must be a string or a {{'type': 'text', 'text': ...}} "
-                    f"part, got {part!r:.80}"
+                    f"{where}: content[{i}] must be a string, a {{'type': 'text', 'text': ...}} "
+                    f"or an image part, got {part!r:.80}"
                 )
-        return "".join(out)
+        text = "".join(p for p in out if isinstance(p, str))
+        return text, (tuple(out) if any(isinstance(p, ImagePart) for p in out) else ())
     raise ChatFormatError(f"{where}: content must be a string, a list of parts or null")
 
 
@@ -200,7 +211,7 @@ def _reasoning_and_content(msg: Mapping[str, Any], where: str) -> tuple[str, str
     Reasoning comes from `reasoning_content` (or `reasoning`), or, if neither is given, from a
     content that starts with `<think>...</think>` (the DeepSeek-R1 style many datasets use).
     """
-    content = _content_text(msg.get("content"), where)
+    content, _ = _content(msg.get("content"), where)
     for key in ("reasoning_content", "reasoning"):
         value = msg.get(key)
         if value is not None:
@@ -211,6 +222,10 @@ def _reasoning_and_content(msg: Mapping[str, Any], where: str) -> tuple[str, str
         reasoning, rest = content[len("<think>") :].split("</think>", 1)
         return reasoning, rest
     return "", content
+
+
+def _has_reasoning(msg: Mapping[str, Any]) -> bool:
+    return msg.get("reasoning_content") is not None or msg.get("reasoning") is not None
 
 
 def _tool_arguments(args: Any, where: str) -> str:
@@ -238,6 +253,7 @@ class _Turn:
     calls: tuple[tuple[str, str], ...] = ()
     call_id: str = ""
     weight: float = 1.0  # the message's own `weight` / `train`
+    parts: tuple[str | ImagePart, ...] = ()  # text and images in order, when it has images
 
 
 def _check_messages(messages: Sequence[Mapping[str, Any]]) -> list[_Turn]:
@@ -303,6 +319,10 @@ def _turns(messages: Sequence[Mapping[str, Any]]) -> list[_Turn]:
         weight = _message_weight(m, where)
         if role == "assistant":
             reasoning, content = _reasoning_and_content(m, where)
+            _, parts = _content(m.get("content"), where)
+            if parts:  # a `<think>` in content is not split off around images
+                reasoning = reasoning if _has_reasoning(m) else ""
+                content = "".join(p for p in parts if isinstance(p, str))
             calls = m.get("tool_calls") or []
             if not isinstance(calls, list):
                 raise ChatFormatError(f"{where}: tool_calls must be a list")
@@ -315,7 +335,9 @@ def _turns(messages: Sequence[Mapping[str, Any]]) -> list[_Turn]:
                 rendered.append((call_id, args))
             if rendered:
                 pending = [call_id for call_id, _ in rendered]
-            turns.append(_Turn(role, name, content, reasoning, tuple(rendered), weight=weight))
+            turns.append(
+                _Turn(role, name, content, reasoning, tuple(rendered), weight=weight, parts=parts)
+            )
         elif role == "tool":
             call_id = m.get("tool_call_id")
             if call_id is None or call_id == "":
@@ -331,10 +353,11 @@ def _turns(messages: Sequence[Mapping[str, Any]]) -> list[_Turn]:
                 call_id = id_map.get(call_id, call_id)
             if call_id in pending:
                 pending.remove(call_id)
-            content = _content_text(m.get("content"), where)
-            turns.append(_Turn(role, name, content, call_id=call_id, weight=weight))
+            content, parts = _content(m.get("content"), where)
+            turns.append(_Turn(role, name, content, call_id=call_id, weight=weight, parts=parts))
         else:
-            turns.append(_Turn(role, name, _content_text(m.get("content"), where), weight=weight))
+            content, parts = _content(m.get("content"), where)
+            turns.append(_Turn(role, name, content, weight=weight, parts=parts))
     return turns
 
 
@@ -460,6 +483,28 @@ def render_pieces(
         text(name, w)
         special("<|im_middle|>", w)
 
+    def content_of(m: _Turn, w: float) -> None:
+        """A message's content: its text, or its text and images (k2jax.data.media)."""
+        if not m.parts:
+            text(m.content, w)
+            return
+        if t.name != "kimi_k25":
+            raise ChatFormatError(
+                f"{m.parts[0].where if isinstance(m.parts[0], ImagePart) else m.role}: images "
+                f"need the kimi_k25 template (a K2.5/K2.6 model), not {t.name}",
+                "unsupported content",
+            )
+        for p in m.parts:
+            if isinstance(p, str):
+                text(p, w)
+                continue
+            special("<|media_begin|>", 0.0)
+            text("image", 0.0)
+            special("<|media_content|>", 0.0)
+            pieces.append(Piece("<|media_pad|>", True, 0.0, p))
+            special("<|media_end|>", 0.0)
+            text("\n", w)
+
     if tools:
         if not isinstance(tools, Sequence) or isinstance(tools, str):
             raise ChatFormatError("tools must be a list of tool declarations")
@@ -488,7 +533,7 @@ def render_pieces(
                 if t.reasoning == "current" and i > boundary:
                     text(m.reasoning, learn)
                 special("</think>", learn)
-            text(m.content, learn)
+            content_of(m, learn)
             if m.calls:
                 special("<|tool_calls_section_begin|>", learn)
                 for call_id, args in m.calls:
@@ -501,11 +546,12 @@ def render_pieces(
             special("<|im_end|>", learn)
         elif m.role == "tool":
             header("<|im_system|>", m.name, w)
-            text(f"## Return of {m.call_id}\n{m.content}", w)
+            text(f"## Return of {m.call_id}\n", w)
+            content_of(m, w)
             special("<|im_end|>", w)
         else:
             header("<|im_user|>" if m.role == "user" else "<|im_system|>", m.name, w)
-            text(m.content, w)
+            content_of(m, w)
             special("<|im_end|>", w)
 
     if add_generation_prompt:
@@ -557,11 +603,13 @@ class EncodedChat:
     loss_mask: bool [L]; True where token i is learned (weight > 0). (In a packed batch the
       model predicts token i+1 at position i, so there the mask is shifted by one.)
     weights: float32 [L] loss weights, or None: the mask's 0/1.
+    images: what `encode_pieces`' `images` callback returned for each image, in token order.
     """
 
     tokens: np.ndarray
     loss_mask: np.ndarray
     weights: np.ndarray | None = None
+    images: tuple[Any, ...] = ()
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -572,6 +620,8 @@ class EncodedChat:
         return self.weights if self.weights is not None else self.loss_mask.astype(np.float32)
 
     def __getitem__(self, s: slice) -> EncodedChat:
+        if self.images:  # a cut could split an image's tokens from its pixels
+            raise ValueError("an example with images cannot be sliced")
         w = None if self.weights is None else self.weights[s]
         return EncodedChat(self.tokens[s], self.loss_mask[s], w)
 
@@ -584,19 +634,41 @@ class EncodedChat:
             np.concatenate([p.tokens for p in parts]),
             np.concatenate([p.loss_mask for p in parts]),
             w,
+            tuple(im for p in parts for im in p.images),
         )
 
 
-def encode_pieces(pieces: Sequence[Piece], tokenizer: KimiTokenizer) -> EncodedChat:
-    """Token ids and loss mask of rendered pieces; adjacent text pieces are encoded together."""
+ImageTokens = Callable[[ImagePart], tuple[int, Any]]  # image -> (its pad tokens, payload)
+
+
+def encode_pieces(
+    pieces: Sequence[Piece], tokenizer: KimiTokenizer, images: ImageTokens | None = None
+) -> EncodedChat:
+    """Token ids and loss mask of rendered pieces; adjacent text pieces are encoded together.
+
+    images: for each image piece, (number of `<|media_pad|>` tokens, payload kept in
+    `EncodedChat.images`) — k2jax.data.examples reads and preprocesses the image there. None:
+    images are an error (a model without a vision tower).
+    """
     ids: list[int] = []
     weights: list[float] = []
+    payloads: list[Any] = []
     i = 0
     while i < len(pieces):
         p = pieces[i]
         if p.special:
-            ids.append(tokenizer.encode_special(p.text))
-            weights.append(p.weight)
+            n = 1
+            if p.image is not None:
+                if images is None:
+                    raise ChatFormatError(
+                        f"{p.image.where}: an image, but this model has no vision tower "
+                        "(images need a Kimi-K2.5/K2.6 checkpoint)",
+                        "unsupported content",
+                    )
+                n, payload = images(p.image)
+                payloads.append(payload)
+            ids += [tokenizer.encode_special(p.text)] * n
+            weights += [p.weight] * n
             i += 1
             continue
         j = i
@@ -608,7 +680,7 @@ def encode_pieces(pieces: Sequence[Piece], tokenizer: KimiTokenizer) -> EncodedC
         i = j
     w = np.asarray(weights, np.float32)
     binary = bool(np.isin(w, (0.0, 1.0)).all())
-    return EncodedChat(np.asarray(ids, np.int32), w > 0, None if binary else w)
+    return EncodedChat(np.asarray(ids, np.int32), w > 0, None if binary else w, tuple(payloads))
 
 
 def encode_chat(
@@ -621,8 +693,10 @@ def encode_chat(
     train_on: Literal["auto", "all_assistant", "last_turn"] = "auto",
     train_on_prompt: bool = False,
     prompt: Sequence[bool] | None = None,
+    images: ImageTokens | None = None,
 ) -> EncodedChat:
-    """Token ids + loss mask of a conversation (see `render_pieces` for the arguments)."""
+    """Token ids + loss mask of a conversation (see `render_pieces` for the arguments;
+    `images`: see `encode_pieces`)."""
     pieces = render_pieces(
         messages,
         template,
@@ -632,7 +706,7 @@ def encode_chat(
         train_on_prompt=train_on_prompt,
         prompt=prompt,
     )
-    return encode_pieces(pieces, tokenizer)
+    return encode_pieces(pieces, tokenizer, images)
 
 
 def prefix_ends(messages: Sequence[Mapping[str, Any]]) -> list[int]:
@@ -715,6 +789,7 @@ def training_examples(
     mask_history: bool = False,
     prompt_messages: int = 0,
     max_len: int | None = None,
+    images: ImageTokens | None = None,
 ) -> list[EncodedChat | SplitExamples]:
     """The SFT examples of one conversation.
 
@@ -731,6 +806,8 @@ def training_examples(
     max_len: an example longer than this is cut at turn boundaries (`fit_turns`) and given as
       one `SplitExamples` of its pieces; when it cannot be (one turn is too long by itself) it
       stays as it is, for the caller to count as too long. None: never cut.
+    images: reads an image (see `encode_pieces`); each example reads its own images, so a
+      conversation split into turns reads an early image once per later turn.
     A per-turn example whose answer has weight 0 is left out (`check_conversation` makes sure
     something is learned).
     """
@@ -762,6 +839,7 @@ def training_examples(
             train_on=train_on,
             train_on_prompt=train_on_prompt,
             prompt=[i < prompt_messages for i in indices] if prompt_messages else None,
+            images=images,
         )
 
     out: list[EncodedChat | SplitExamples] = []

@@ -93,7 +93,8 @@ from k2jax.config import ConfigError, check_field_types
 from k2jax.data import examples as _examples
 from k2jax.data.chat import TEMPLATE_NAMES, EncodedChat, get_template
 from k2jax.data.examples import CUT, Example, ExampleSettings
-from k2jax.data.formats import RecordFormat
+from k2jax.data.formats import Conversation, RecordFormat
+from k2jax.data.images import MAX_PIXELS, ImageProcessor
 from k2jax.data.mixture import EpochOrder, Source, describe, open_sources, settings_of
 from k2jax.data.mixture import fingerprint as _files_fingerprint
 from k2jax.data.readers import DataError, LineIndex
@@ -143,6 +144,13 @@ class DataConfig:
       by a hash of the record number; the training stream never sees them.
     strict: an unknown message key is a bad example ("unknown key") instead of a logged note.
     on_bad_example: "skip" (log, count, summarise) or "error" (raise at the first).
+    media_dir: the folder relative image paths are in; None: the data file's folder (or
+      dataset_info.json's). Images: k2jax.data.media.
+    image_patches: vision patches per row (each image token is merge² = 4 of them); a row closes
+      when the next example's images do not fit. None: seq_len · merge², as many as a row of
+      image tokens could need. The vision tower's attention is dense in it: set it to what the
+      images need (a 448×448 image is 1,024 patches).
+    max_image_pixels: a larger image is a bad example ("invalid image"); Pillow's limit.
     """
 
     path: str | tuple[str, ...]
@@ -166,6 +174,9 @@ class DataConfig:
     val_size: float = 0.0
     strict: bool = False
     on_bad_example: Literal["skip", "error"] = "skip"
+    media_dir: str | None = None
+    image_patches: int | None = None
+    max_image_pixels: int = MAX_PIXELS
 
     def __post_init__(self):
         check_field_types(self, "data")
@@ -197,6 +208,10 @@ class DataConfig:
             raise ConfigError("data.interleave_probs: must be >= 0 with a positive sum")
         if self.interleave_probs is not None and self.mix_strategy == "concat":
             raise ConfigError("data.interleave_probs: needs an interleave_* data.mix_strategy")
+        if self.image_patches is not None and self.image_patches < 4:
+            raise ConfigError(f"data.image_patches: must be >= 4 or None, got {self.image_patches}")
+        if self.max_image_pixels < 1:
+            raise ConfigError(f"data.max_image_pixels: must be >= 1, got {self.max_image_pixels}")
         if self.train_on_prompt and self.mask_history:
             raise ConfigError("data.mask_history and data.train_on_prompt exclude each other")
         if self.train_on_prompt and self.settings().split:
@@ -224,6 +239,7 @@ class DataConfig:
             self.mask_history,
             self.seq_len,
             self.overlong,
+            max_image_pixels=self.max_image_pixels,
         )
 
     def for_path(self, path: str | tuple[str, ...], **changes) -> DataConfig:
@@ -322,6 +338,7 @@ class DataCheck:
     first_bad: tuple[DataError, ...]
     seconds: float
     notes: dict[str, int] = dataclasses.field(default_factory=dict)
+    images: int = 0  # image parts in the usable records
 
     @property
     def usable(self) -> int:
@@ -329,6 +346,8 @@ class DataCheck:
 
     def summary(self) -> str:
         text = f"data check: {self.lines:,} lines"
+        if self.images:
+            text += f" ({self.images:,} images)"
         if self.skipped:
             reasons = ", ".join(f"{r}: {n:,}" for r, n in sorted(self.skipped.items()))
             text += f", {sum(self.skipped.values()):,} will be skipped ({reasons})"
@@ -402,7 +421,7 @@ def validate_data(config: DataConfig, *, progress: bool | None = None) -> DataCh
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc="data check", unit="line", unit_scale=True, file=sys.stderr)
-    blank, skipped, notes, first_bad = 0, {}, {}, []
+    blank, skipped, notes, first_bad, images = 0, {}, {}, [], 0
     say = _Notices("data check: ")
     done = 0
     try:
@@ -428,6 +447,8 @@ def validate_data(config: DataConfig, *, progress: bool | None = None) -> DataCh
                     say.say(f"bad line, will be skipped: {e}")
                     continue
                 say.unused(source, parsed.unused, where)
+                if isinstance(parsed.example, Conversation):
+                    images += len(_examples.image_parts(parsed.example))
                 for note in parsed.notes:
                     notes[note] = notes.get(note, 0) + 1
                     say.say(f"{where}: {note}")
@@ -445,6 +466,7 @@ def validate_data(config: DataConfig, *, progress: bool | None = None) -> DataCh
         tuple(first_bad),
         time.perf_counter() - start,
         notes,
+        images,
     )
     if not check.lines:
         raise DataError(check.path, "no data", "no non-empty lines")
@@ -483,6 +505,11 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
     empty rows) or never if `num_epochs` is None.
 
     split: "train", or "validation" — the records data.val_size set aside, in file order.
+    images: the checkpoint's ImageProcessor, for a model with a vision tower: images in the
+      data are read, and each batch also has `pixel_values` float32 [rows, data.image_patches,
+      3·P·P] (each row's images' patches, in token order, zero-padded) and `image_grid_thw`
+      int32 [rows, image_patches // merge², 3] (their grids, zero rows after the last). None:
+      images in the data are bad examples.
     """
 
     def __init__(
@@ -494,6 +521,7 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
         process_count: int = 1,
         state: Mapping[str, Any] | None = None,
         split: Literal["train", "validation"] = "train",
+        images: ImageProcessor | None = None,
     ):
         if process_count < 1 or not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
@@ -509,7 +537,11 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
         self._tokenizer = tokenizer
         self._rows_per_host = config.batch_size // process_count
         self._first_row = process_index * self._rows_per_host
-        self._settings = config.settings()
+        self._settings = dataclasses.replace(config.settings(), images=images)
+        self._images = images
+        self._patch_cap = 0
+        if images is not None:
+            self._patch_cap = config.image_patches or config.seq_len * images.merge_size**2
         self._sources = open_sources(config, split)
         self._order = EpochOrder(self._sources, config, validation=split == "validation")
         self._fingerprint = self._make_fingerprint()
@@ -535,6 +567,8 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
                 ("mask_history", c.mask_history),
                 ("strict", c.strict),
                 ("split", self.split != "train" and self.split),
+                ("media_dir", c.media_dir),
+                ("image_patches", self._patch_cap),
             ]
             if v
         }
@@ -657,6 +691,16 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
                 )
                 self._pass(example)
                 continue
+            if _patches(example.chat) > self._patch_cap:
+                self._bad(
+                    DataError(
+                        example.where,
+                        "too many image patches",
+                        f"{_patches(example.chat)} patches > data.image_patches {self._patch_cap}",
+                    )
+                )
+                self._pass(example)
+                continue
             return example
 
     def _end_epoch(self) -> None:
@@ -691,12 +735,15 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
         next row; every example fits an empty row (longer ones are skipped as bad).
         """
         row: list[EncodedChat] = []
-        used = 0
+        used = patches = 0
         while (example := self._peek()) is not None:
             if used + len(example.chat) > self.config.seq_len:
                 break
+            if patches + _patches(example.chat) > self._patch_cap:
+                break
             row.append(example.chat)
             used += len(example.chat)
+            patches += _patches(example.chat)
             self._pass(example)
             self._cursor.examples += 1
         return row or None
@@ -734,17 +781,37 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
                 segment_ids[r, o : o + n] = k + 1
                 positions[r, o : o + n] = np.arange(n)
                 o += n
-        return {
+        out = {
             "tokens": tokens,
             "targets": targets,
             "loss_mask": loss_mask,
             "segment_ids": segment_ids,
             "positions": positions,
         }
+        if self._images is not None:
+            out.update(self._image_arrays(rows))
+        return out
+
+    def _image_arrays(self, rows: list[list[EncodedChat]]) -> dict[str, np.ndarray]:
+        P, cap = self._images.patch_size, self._patch_cap
+        pixels = np.zeros((self._rows_per_host, cap, 3 * P * P), np.float32)
+        grids = np.zeros((self._rows_per_host, cap // self._images.merge_size**2, 3), np.int32)
+        for r, row in enumerate(rows):
+            pictures = [p for ex in row for p in ex.images]
+            o = 0
+            for k, p in enumerate(pictures):
+                pixels[r, o : o + p.num_patches] = p.patches.reshape(p.num_patches, -1)
+                grids[r, k] = p.grid
+                o += p.num_patches
+        return {"pixel_values": pixels, "image_grid_thw": grids}
 
     def close(self) -> None:
         for s in self._sources:
             s.records.close()
+
+
+def _patches(chat: EncodedChat) -> int:
+    return sum(p.num_patches for p in chat.images)
 
 
 def packed_batches(
@@ -755,6 +822,7 @@ def packed_batches(
     process_count: int = 1,
     state: Mapping[str, Any] | None = None,
     split: Literal["train", "validation"] = "train",
+    images: ImageProcessor | None = None,
 ) -> PackedBatches:
     """`PackedBatches(...)`: the batches of `config` for one host, optionally resumed from `state`."""
     return PackedBatches(
@@ -764,4 +832,5 @@ def packed_batches(
         process_count=process_count,
         state=state,
         split=split,
+        images=images,
     )

@@ -19,7 +19,15 @@ tokens and `[EOS]`, all learned; a prompt before it is learned only with `train_
   the target from its end (the start of the answer stays), and the target keeps at least one
   token, so an answer is never removed whole. Counted as "over-long truncated".
 
-An example is never cut inside an answer unless the policy says "truncate". Each note (these
+An example is never cut inside an answer unless the policy says "truncate", and an example with
+images is never cut by "truncate" or into text pieces (it stays whole, or is dropped as too long;
+"split_turns" cuts between turns, each piece with its own images).
+
+**Images** (kimi_k25; `k2jax.data.media`): with `ExampleSettings.images` (the checkpoint's
+ImageProcessor) each image part is read and preprocessed when its example is built, and rides on
+the example as a `Picture` (its patches and grid), in token order; a missing, unreadable or
+oversized image is a DataError naming the record ("invalid image"). `check` looks at the files
+without decoding them (they exist, can be read, and their header's size is allowed). Each note (these
 counts, and a record's `formats.Parsed.notes`) rides on the example it belongs to (`Example.notes`)
 and is counted by the stream when it passes that example, so counts resume exactly.
 """
@@ -27,7 +35,7 @@ and is counted by the stream when it passes that example, so counts resume exact
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -35,6 +43,8 @@ from k2jax.data.chat import ChatFormatError, ChatTemplate, EncodedChat, SplitExa
 from k2jax.data.chat import check_conversation as _check_conversation
 from k2jax.data.chat import training_examples as _training_examples
 from k2jax.data.formats import Conversation, Parsed, Text
+from k2jax.data.images import MAX_PIXELS, ImageError, ImageProcessor
+from k2jax.data.media import ImagePart, check_image, image_part, read_image
 from k2jax.data.readers import DataError
 from k2jax.data.tokenizer import KimiTokenizer
 
@@ -62,6 +72,71 @@ class ExampleSettings:
     mask_history: bool = False
     seq_len: int | None = None  # None: no over-long policy (the caller drops long examples)
     overlong: Literal["drop", "split_turns", "truncate"] = "drop"
+    images: ImageProcessor | None = None  # None: a text model; images are bad examples
+    max_image_pixels: int = MAX_PIXELS
+
+
+@dataclasses.dataclass(frozen=True)
+class Picture:
+    """One preprocessed image of an example: patches float32 [n, 3, P, P] and its grid (1, h, w)
+    in patches (transformers' pixel_values and image_grid_thw rows)."""
+
+    patches: np.ndarray
+    grid: tuple[int, int, int]
+
+    @property
+    def num_patches(self) -> int:
+        return len(self.patches)
+
+
+def image_parts(conv: Conversation) -> list[ImagePart]:
+    out = []
+    for i, m in enumerate(conv.messages):
+        content = m.get("content")
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            image = image_part(part, f"message {i}: content[{j}]")
+            if image is not None:
+                out.append(image)
+    return out
+
+
+def _check_images(conv: Conversation, where: str, s: ExampleSettings) -> None:
+    try:
+        parts = image_parts(conv)
+    except ValueError as e:
+        raise DataError(where, "unsupported content", str(e)) from None
+    if parts and s.template.name != "kimi_k25":
+        raise DataError(
+            where,
+            "unsupported content",
+            f"{parts[0].where}: images need the kimi_k25 template (a K2.5/K2.6 model), not "
+            f"{s.template.name}",
+        )
+    for part in parts:
+        try:
+            check_image(part, max_pixels=s.max_image_pixels)
+        except ImageError as e:
+            raise DataError(where, "invalid image", f"{part.where}: {e}") from None
+
+
+def _image_reader(where: str, s: ExampleSettings):
+    """The `images` callback of chat.encode_pieces for one record: reads and preprocesses each
+    image once (a conversation split into turns meets an early image again)."""
+    if s.images is None:
+        return None
+    seen: dict[str, tuple[int, Any]] = {}
+
+    def read(part: ImagePart) -> tuple[int, Picture]:
+        if part.source not in seen:
+            try:
+                patches, grid = s.images.one(read_image(part, max_pixels=s.max_image_pixels))
+            except ImageError as e:
+                raise DataError(where, "invalid image", f"{part.where}: {e}") from None
+            picture = Picture(patches, tuple(grid))
+            seen[part.source] = (picture.num_patches // s.images.merge_size**2, picture)
+        return seen[part.source]
+
+    return read
 
 
 def check(parsed: Parsed, where: str, s: ExampleSettings) -> None:
@@ -71,6 +146,7 @@ def check(parsed: Parsed, where: str, s: ExampleSettings) -> None:
         if not ex.text:
             raise DataError(where, "missing content", "an empty text: nothing to learn")
         return
+    _check_images(ex, where, s)
     try:
         _check_conversation(
             ex.messages,
@@ -109,6 +185,7 @@ def _chat_examples(conv: Conversation, where: str, tokenizer, s: ExampleSettings
             mask_history=s.mask_history,
             prompt_messages=conv.prompt_messages,
             max_len=s.seq_len if s.overlong == "split_turns" else None,
+            images=_image_reader(where, s),
         )
     except ChatFormatError as e:
         raise DataError(where, e.reason, str(e)) from None
@@ -147,7 +224,7 @@ def _text_examples(text: Text, where: str, tokenizer, s: ExampleSettings) -> lis
 
 
 def _maybe_truncated(ex: EncodedChat, where: str, s: ExampleSettings) -> Example:
-    if s.overlong != "truncate" or s.seq_len is None or len(ex) <= s.seq_len:
+    if s.overlong != "truncate" or s.seq_len is None or len(ex) <= s.seq_len or ex.images:
         return Example(ex, where)
     return Example(truncate(ex, s.seq_len), where, (TRUNCATED,))
 

@@ -40,8 +40,10 @@ import contextlib
 import dataclasses
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
+from k2jax.data.media import attach_images
 from k2jax.data.readers import DataError
 
 # Message keys the chat templates read (k2jax.data.chat), OpenAI's names.
@@ -58,8 +60,17 @@ MESSAGE_KEYS = frozenset(
         "train",
     }
 )
-COLUMN_KEYS = ("prompt", "query", "response", "history", "messages", "system", "tools")
-_UNSUPPORTED_COLUMNS = ("images", "videos", "audios", "chosen", "rejected", "kto_tag")
+COLUMN_KEYS = (
+    "prompt",
+    "query",
+    "response",
+    "history",
+    "messages",
+    "system",
+    "tools",
+    "images",
+)
+_UNSUPPORTED_COLUMNS = ("videos", "audios", "chosen", "rejected", "kto_tag")
 TAG_KEYS = (
     "role_tag",
     "content_tag",
@@ -136,12 +147,15 @@ class RecordFormat:
     formatting: "auto" (by keys, per record), "alpaca" or "sharegpt". columns, tags: LLaMA-
     Factory's names (`COLUMN_KEYS`, `TAG_KEYS`) -> the record's; only with a declared formatting.
     strict: an unknown message key is a bad record instead of a note.
+    media_dir: the folder relative image paths are in (k2jax.data.media); None: the working
+      directory.
     """
 
     formatting: Literal["auto", "alpaca", "sharegpt"] = "auto"
     columns: Mapping[str, str] = dataclasses.field(default_factory=dict)
     tags: Mapping[str, str] = dataclasses.field(default_factory=dict)
     strict: bool = False
+    media_dir: str | None = None
 
     def __post_init__(self):
         where = "data.formatting"
@@ -156,8 +170,8 @@ class RecordFormat:
             for key, value in got.items():
                 if key in _UNSUPPORTED_COLUMNS:
                     raise ValueError(
-                        f"{what}.{key}: k2jax trains text SFT only (no images, audio, video or "
-                        "preference pairs)"
+                        f"{what}.{key}: k2jax trains SFT on text and still images only (no "
+                        "audio, video or preference pairs)"
                     )
                 if key not in known:
                     raise ValueError(f"{what}: unknown key {key!r} (known: {', '.join(known)})")
@@ -226,7 +240,25 @@ class RecordFormat:
             example, used = self._chat(obj, columns, tags, where, notes)
         else:
             example, used = self._auto(obj, where, notes)
+        if isinstance(example, Conversation):
+            example = self._images(example, obj, used, where)
         return self._done(example, obj, used, notes)
+
+    def _images(self, conv: Conversation, obj: dict, used: set, where: str) -> Conversation:
+        """The conversation with its images attached and their paths resolved (media.py)."""
+        column = self.columns.get("images") if self.formatting != "auto" else "images"
+        images = _json_list(obj, column, where) if column and column in obj else None
+        if column in obj:
+            used.add(column)
+        has_parts = any(isinstance(m.get("content"), list) for m in conv.messages)
+        if images is None and not has_parts:
+            return conv
+        base = Path(self.media_dir) if self.media_dir else None
+        try:
+            messages = attach_images(conv.messages, images, base)
+        except ValueError as e:
+            raise DataError(where, "invalid image", str(e)) from None
+        return dataclasses.replace(conv, messages=messages)
 
     @staticmethod
     def _done(example, obj, used, notes) -> Parsed:

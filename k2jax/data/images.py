@@ -37,8 +37,11 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "MAX_PIXELS",
     "ImageError",
     "ImageProcessor",
+    "decode_image",
+    "image_size",
     "load_image",
     "navit_size",
     "resize_uint8",
@@ -186,34 +189,87 @@ def resize_uint8(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     return x
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as RGB uint8 [H, W, 3] (module docstring, step 1). A missing, unreadable or
-    unsupported file is an ImageError naming it."""
+# Pillow's DecompressionBombError threshold (2 × Image.MAX_IMAGE_PIXELS): transformers' loader
+# refuses larger images, and so do we — before decoding when the header says the size.
+MAX_PIXELS = 2 * 89_478_485
+
+
+def load_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """An image file as RGB uint8 [H, W, 3] (module docstring, step 1). A missing, unreadable,
+    unsupported or oversized (> max_pixels) file is an ImageError naming it."""
     path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such image file")
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError as e:
+        raise ImageError(f"{path}: cannot be read ({e.strerror or e})") from None
+    return decode_image(data, str(path), max_pixels=max_pixels)
+
+
+def decode_image(data: np.ndarray, name: str, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes (uint8 [n]) as RGB uint8 [H, W, 3]; `name` is what errors call it."""
     try:
         import cv2
     except ImportError:
         raise ImageError(
-            f"{path}: reading images needs OpenCV: pip install 'k2jax[images]'"
+            f"{name}: reading images needs OpenCV: pip install 'k2jax[images]'"
         ) from None
-    if not path.is_file():
-        raise ImageError(f"{path}: no such image file")
-    data = np.fromfile(path, np.uint8)
+    raw = data.tobytes()
+    size = image_size(raw)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ImageError(
+            f"{name}: {size[0]}×{size[1]} pixels is more than the {max_pixels:,} allowed "
+            "(an oversized image; shrink it first)"
+        )
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if img is None:
-        raise ImageError(f"{path}: not an image OpenCV can decode (PNG, JPEG, WebP, BMP, ...)")
+        raise ImageError(f"{name}: not an image OpenCV can decode (PNG, JPEG, WebP, BMP, ...)")
+    if img.shape[0] * img.shape[1] > max_pixels:
+        raise ImageError(
+            f"{name}: {img.shape[1]}×{img.shape[0]} pixels is more than the {max_pixels:,} "
+            "allowed (an oversized image; shrink it first)"
+        )
     if img.dtype != np.uint8:
-        raise ImageError(f"{path}: {img.dtype} pixels; only 8-bit images are supported")
+        raise ImageError(f"{name}: {img.dtype} pixels; only 8-bit images are supported")
     if img.ndim == 3 and img.shape[2] not in (2, 3, 4):
-        raise ImageError(f"{path}: {img.shape[2]} channels; expected gray, RGB or RGBA")
+        raise ImageError(f"{name}: {img.shape[2]} channels; expected gray, RGB or RGBA")
     # IMREAD_COLOR applies the EXIF orientation (IMREAD_UNCHANGED does not), like Pillow's
     # exif_transpose in transformers' load_image, turns gray into three equal channels and drops
     # an alpha channel, like its convert("RGB")
     rgb = np.ascontiguousarray(cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1])
-    key = _png_transparent_colour(data.tobytes())
+    key = _png_transparent_colour(raw)
     if key is not None:  # module docstring, step 1
         rgb[(rgb == np.asarray(key, np.uint8)).all(-1)] = 255
     return rgb
+
+
+def image_size(raw: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR or a JPEG's frame header, without decoding; None for
+    other formats or a header it cannot find."""
+    if raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR":
+        return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+    if raw[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(raw):
+        if raw[pos] != 0xFF:
+            return None
+        marker = raw[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        length = int.from_bytes(raw[pos + 2 : pos + 4], "big")
+        # SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC): precision, height, width
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and pos + 9 <= len(raw):
+            h = int.from_bytes(raw[pos + 5 : pos + 7], "big")
+            w = int.from_bytes(raw[pos + 7 : pos + 9], "big")
+            return w, h
+        pos += 2 + length
+    return None
 
 
 def _png_transparent_colour(raw: bytes) -> tuple[int, int, int] | None:

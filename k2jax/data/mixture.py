@@ -82,11 +82,16 @@ class Source:
 def dataset_specs(config) -> list[tuple[str, str, RecordFormat, int | None]]:
     """(name, path, format, num_samples) of each dataset `config` (a DataConfig) names."""
     paths = (config.path,) if isinstance(config.path, str) else tuple(config.path)
+    media = getattr(config, "media_dir", None)
     if config.dataset is None:
         fmt = RecordFormat(
             config.formatting, dict(config.columns), dict(config.tags), config.strict
         )
-        return [(p, p, fmt, None) for p in paths]
+
+        def folder(p: str) -> str:
+            return media or str(Path(p) if Path(p).is_dir() else Path(p).parent)
+
+        return [(p, p, dataclasses.replace(fmt, media_dir=folder(p)), None) for p in paths]
     if len(paths) != 1:
         raise DataError(", ".join(paths), "no data", "data.dataset needs one data.path")
     info = Path(paths[0])
@@ -115,6 +120,7 @@ def dataset_specs(config) -> list[tuple[str, str, RecordFormat, int | None]]:
             )
         except ValueError as e:
             raise DataError(str(info), "invalid dataset_info.json", str(e)) from None
+        fmt = dataclasses.replace(fmt, media_dir=media or str(info.parent))
         out.append((name, str(info.parent / file), fmt, num))
     return out
 

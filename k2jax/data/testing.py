@@ -174,3 +174,51 @@ def write_tiny_tokenizer(
     }
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return num_base + NUM_RESERVED_SPECIAL_TOKENS
+
+
+# Colours of `write_image_chats`, as RGB.
+IMAGE_CHAT_COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 60),
+    "blue": (40, 60, 220),
+    "yellow": (230, 210, 40),
+}
+_IMAGE_QUESTIONS = ("What colour is this?", "Which colour do you see?", "Name the colour.")
+
+
+def write_image_chats(folder: str | os.PathLike, n: int = 32, *, seed: int = 0) -> Path:
+    """Writes `n` small image+text chats into `folder`: PNG files of one colour of
+    IMAGE_CHAT_COLOURS with noise, of random sizes and aspect ratios (28–112 pixels a side), and
+    `chats.jsonl` whose user turns show the image (an OpenAI image part, a path relative to the
+    folder) and ask its colour, answered "It is {colour}.". Only the image tells the answers
+    apart, so a falling loss means the model reads the images. Returns the JSONL path.
+
+    Needs OpenCV (the `images` extra) to write the PNG files."""
+    import cv2
+    import numpy as np
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = list(IMAGE_CHAT_COLOURS)
+    lines = []
+    for i in range(n):
+        colour = names[i % len(names)]
+        h, w = (int(x) for x in rng.integers(28, 113, 2))
+        rgb = np.asarray(IMAGE_CHAT_COLOURS[colour], np.int16)
+        pixels = np.clip(rgb + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
+        file = f"image_{i:04d}.png"
+        if not cv2.imwrite(str(folder / file), pixels[..., ::-1]):
+            raise OSError(f"{folder / file}: could not be written")
+        question = _IMAGE_QUESTIONS[int(rng.integers(len(_IMAGE_QUESTIONS)))]
+        user = [{"type": "image", "image": file}, {"type": "text", "text": question}]
+        messages = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": f"It is {colour}."},
+        ]
+        lines.append(json.dumps({"messages": messages}))
+    out = folder / "chats.jsonl"
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out)
+    return out

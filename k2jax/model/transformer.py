@@ -24,6 +24,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from k2jax.config import ModelConfig
 from k2jax.config.vision import VisionConfig
@@ -34,7 +35,7 @@ from k2jax.model.loss import chunked_cross_entropy
 from k2jax.model.mla import MLA
 from k2jax.model.moe import MoE
 from k2jax.model.options import ComputeConfig
-from k2jax.model.vision import MoonViT, Projector, grid_inputs
+from k2jax.model.vision import MoonViT, Projector, row_inputs
 from k2jax.ops.einsum import einsum_acc
 from k2jax.sharding.rules import constrain, token_axes
 
@@ -111,9 +112,10 @@ class Transformer(nn.Module):
     loss(tokens, targets, loss_mask, ...) -> dict of sums (see k2jax.model.loss) and aux
 
     With `vision` (Kimi-K2.5 / K2.6) the model also holds the vision tower and projector
-    (k2jax.model.vision), and each method takes `images`: {"pixel_values": [N, 3·P·P], and the
-    arrays of `grid_inputs`} — the image features replace, in order, the embeddings of the
-    prompt's image tokens (`vision.image_token_id`), one per merged patch group.
+    (k2jax.model.vision), and each method takes `images`: the per-row arrays of
+    `vision.row_inputs` ({"pixel_values": [B, N, 3·P·P], ...}) — the image features of row b
+    replace, in order, the embeddings of row b's image tokens (`vision.image_token_id`), one per
+    merged patch group.
     """
 
     cfg: ModelConfig
@@ -148,15 +150,16 @@ class Transformer(nn.Module):
         return cp.from_layout(h, n), aux
 
     def _image_slots(self, tokens_BT, images):
-        """(image features [M, D], slot [B, T]: the feature each token takes, −1 for none)."""
+        """(image features [B, M, D], slot [B, T]: the feature of its row each token takes, −1
+        for none)."""
         if images is None:
             return None, None
         if self.vision is None:
             raise ValueError("images were passed to a model without a vision tower")
         merged = self.vision_tower(images["pixel_values"], images)
         features = self.mm_projector(merged)
-        is_image = (tokens_BT == self.vision.image_token_id).reshape(-1)
-        slot = jnp.where(is_image, jnp.cumsum(is_image) - 1, -1).reshape(tokens_BT.shape)
+        is_image = tokens_BT == self.vision.image_token_id
+        slot = jnp.where(is_image, jnp.cumsum(is_image, axis=1) - 1, -1)
         return features, slot.astype(jnp.int32)
 
     def _hidden(self, tokens_BT, positions_BT, segment_ids_BT, *, decoding=False, images=None):
@@ -177,7 +180,9 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens_BT)
         if features is not None:
             slot_BT = cp.to_layout(slot_BT, n)
-            picked = jnp.take(features.astype(x.dtype), jnp.maximum(slot_BT, 0), axis=0)
+            picked = jnp.take_along_axis(
+                features.astype(x.dtype), jnp.maximum(slot_BT, 0)[..., None], axis=1
+            )
             x = jnp.where((slot_BT >= 0)[..., None], picked, x)
         aux = {}
         if self.cfg.num_dense_layers:
@@ -245,8 +250,11 @@ def init_variables(model: Transformer, rng: jax.Array, *, seq_len: int = 8, lora
     images = None
     if model.vision is not None:  # one smallest image, so the vision weights are created too
         v = model.vision
-        images = grid_inputs([[1, *v.merge_kernel]], v)
-        images["pixel_values"] = jnp.zeros((v.merge_size, v.patch_features), jnp.float32)
+        images = row_inputs(
+            np.zeros((1, v.merge_size, v.patch_features), np.float32),
+            [[[1, *v.merge_kernel]]],
+            v,
+        )
     # jit: un-jitted init of a scanned model runs op by op and is many times slower.
     return jax.jit(lambda r, im: model.init(r, tokens, None, None, im, method=Transformer.logits))(
         rngs, images

@@ -39,7 +39,7 @@ from k2jax.lora import LoraConfig
 from k2jax.model.layers import Linear
 from k2jax.model.options import ComputeConfig, accum_dtype
 
-__all__ = ["MoonViT", "Projector", "grid_inputs", "layer_norm"]
+__all__ = ["MoonViT", "Projector", "grid_inputs", "layer_norm", "row_inputs", "split_rows"]
 
 _TAPS = np.arange(-1, 3)  # bicubic: floor−1 .. floor+2
 
@@ -57,14 +57,11 @@ def _axis_taps(index: np.ndarray, size: int, side: int) -> tuple[np.ndarray, np.
     return taps, np.where(d <= 1, near, far).astype(np.float32)
 
 
-def grid_inputs(image_grid_thw, cfg: VisionConfig) -> dict[str, np.ndarray]:
-    """The host-side arrays of a batch of images (module docstring), from [I, 3] (t, h, w)."""
+def _checked_grid(image_grid_thw, cfg: VisionConfig) -> np.ndarray:
     grid = np.asarray(image_grid_thw, dtype=np.int64)
     if grid.ndim != 2 or grid.shape[1] != 3 or not len(grid):
         raise ValueError(f"image_grid_thw must be [images, 3] (t, h, w), got shape {grid.shape}")
     kh, kw = cfg.merge_kernel
-    index, weight, hw, segment, merge = [], [], [], [], []
-    start = 0
     for i, (t, h, w) in enumerate(grid.tolist()):
         if t != 1:
             raise ValueError(f"image {i}: t = {t}; only still images (t = 1) are supported")
@@ -72,6 +69,16 @@ def grid_inputs(image_grid_thw, cfg: VisionConfig) -> dict[str, np.ndarray]:
             raise ValueError(
                 f"image {i}: a grid of {h}×{w} patches does not split into {kh}×{kw} merges"
             )
+    return grid
+
+
+def grid_inputs(image_grid_thw, cfg: VisionConfig) -> dict[str, np.ndarray]:
+    """The host-side arrays of a batch of images (module docstring), from [I, 3] (t, h, w)."""
+    grid = _checked_grid(image_grid_thw, cfg)
+    kh, kw = cfg.merge_kernel
+    index, weight, hw, segment, merge = [], [], [], [], []
+    start = 0
+    for i, (_, h, w) in enumerate(grid.tolist()):
         rows, cols = np.divmod(np.arange(h * w), w)
         h_taps, h_w = _axis_taps(rows, h, cfg.pos_emb_height)
         w_taps, w_w = _axis_taps(cols, w, cfg.pos_emb_width)
@@ -89,6 +96,83 @@ def grid_inputs(image_grid_thw, cfg: VisionConfig) -> dict[str, np.ndarray]:
         "segment": np.concatenate(segment).astype(np.int32),
         "merge_index": np.concatenate(merge).astype(np.int32),
     }
+
+
+def row_inputs(pixel_values_BNF, image_grid_thw_BI3, cfg: VisionConfig) -> dict[str, np.ndarray]:
+    """The model's `images` for a batch of rows: each row's patches [B, N, F] (its images one
+    after another, zero-padded to N) and grids [B, I, 3] (zero rows after its last image) →
+    `grid_inputs` per row, padded to N patches and N // merge merged tokens. Padding patches
+    form their own segment (−1), so they never mix with an image's patches; padding merged tokens
+    are never picked (a row has exactly as many image tokens as its images' merged tokens)."""
+    pixels = np.asarray(pixel_values_BNF, np.float32)
+    grids = np.asarray(image_grid_thw_BI3, np.int64)
+    if pixels.ndim != 3 or grids.ndim != 3 or grids.shape[-1] != 3 or len(grids) != len(pixels):
+        raise ValueError(
+            f"expected pixel_values [rows, patches, features] and image_grid_thw [rows, images, "
+            f"3], got shapes {pixels.shape} and {grids.shape}"
+        )
+    B, N, _ = pixels.shape
+    M = N // cfg.merge_size
+    out = {
+        "pos_index": np.zeros((B, N, 16), np.int32),
+        "pos_weight": np.zeros((B, N, 16), np.float32),
+        "pos_hw": np.zeros((B, N, 2), np.int32),
+        "segment": np.full((B, N), -1, np.int32),
+        "merge_index": np.zeros((B, M, cfg.merge_size), np.int32),
+    }
+    for b in range(B):
+        real = grids[b][grids[b].prod(-1) > 0]
+        if not len(real):
+            continue
+        g = grid_inputs(real, cfg)
+        n, m = len(g["segment"]), len(g["merge_index"])
+        if n > N:
+            raise ValueError(f"row {b}: its images have {n} patches, more than the {N} given")
+        for key, value in g.items():
+            out[key][b, : n if key != "merge_index" else m] = value
+    out["pixel_values"] = pixels
+    return out
+
+
+def split_rows(tokens_BT, pixel_values, image_grid_thw, cfg: VisionConfig):
+    """transformers' layout — all images' patches [N, F] and grids [I, 3] for the whole batch —
+    → `row_inputs`' per-row arrays: image i belongs to the row that holds its image tokens
+    (images in token order). ValueError when the tokens and images do not agree."""
+    tokens = np.asarray(tokens_BT)
+    grids = _checked_grid(image_grid_thw, cfg)
+    pixels = np.asarray(pixel_values, np.float32)
+    pixels = pixels.reshape(len(pixels), -1)
+    patches = grids.prod(-1)
+    if pixels.shape[0] != patches.sum() or pixels.shape[1] != cfg.patch_features:
+        raise ValueError(
+            f"pixel_values has shape {np.shape(pixel_values)}; image_grid_thw implies "
+            f"{patches.sum()} patches of 3×{cfg.patch_size}×{cfg.patch_size}"
+        )
+    per_row = (tokens == cfg.image_token_id).sum(-1)
+    want = patches // cfg.merge_size
+    if per_row.sum() != want.sum():
+        raise ValueError(
+            f"the prompt has {per_row.sum()} image tokens (id {cfg.image_token_id}); the images "
+            f"need {want.sum()} (one per {cfg.merge_kernel[0]}×{cfg.merge_kernel[1]} patches)"
+        )
+    ends = np.cumsum(want)
+    row_of = np.searchsorted(np.cumsum(per_row), ends - 1, side="right")
+    firsts = np.concatenate([[0], ends[:-1]])
+    if (np.searchsorted(np.cumsum(per_row), firsts, side="right") != row_of).any():
+        raise ValueError("an image's tokens are split over two rows of the prompt")
+    starts = np.concatenate([[0], np.cumsum(patches)])
+    B = len(tokens)
+    n = max(int(patches[row_of == b].sum()) for b in range(B))
+    count = max(int((row_of == b).sum()) for b in range(B))
+    out_pixels = np.zeros((B, max(n, cfg.merge_size), pixels.shape[1]), np.float32)
+    out_grids = np.zeros((B, max(count, 1), 3), np.int64)
+    for b in range(B):
+        o = 0
+        for k, i in enumerate(np.flatnonzero(row_of == b)):
+            out_pixels[b, o : o + patches[i]] = pixels[starts[i] : starts[i + 1]]
+            out_grids[b, k] = grids[i]
+            o += patches[i]
+    return row_inputs(out_pixels, out_grids, cfg)
 
 
 def layer_norm(x, weight, bias, eps: float):
@@ -115,53 +199,56 @@ class LayerNorm(nn.Module):
         return layer_norm(x, w, b, self.eps)
 
 
-def _rotate_pairs(x_NHD, angles_ND2):
-    """Rotates interleaved pairs (x[2j], x[2j+1]) of every head by angles[:, j], in float32."""
-    N, H, D = x_NHD.shape
-    x = x_NHD.astype(jnp.float32).reshape(N, H, D // 2, 2)
-    cos, sin = jnp.cos(angles_ND2)[:, None], jnp.sin(angles_ND2)[:, None]
+def _rotate_pairs(x_BNHD, angles_BND2):
+    """Rotates interleaved pairs (x[2j], x[2j+1]) of every head by angles[..., j], in float32."""
+    *lead, H, D = x_BNHD.shape
+    x = x_BNHD.astype(jnp.float32).reshape(*lead, H, D // 2, 2)
+    cos, sin = jnp.cos(angles_BND2)[..., None, :], jnp.sin(angles_BND2)[..., None, :]
     x0, x1 = x[..., 0], x[..., 1]
     out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1)
-    return out.reshape(N, H, D).astype(x_NHD.dtype)
+    return out.reshape(*lead, H, D).astype(x_BNHD.dtype)
 
 
 class Block(nn.Module):
-    """One MoonViT encoder block (pre-norm attention and MLP, biases everywhere)."""
+    """One MoonViT encoder block (pre-norm attention and MLP, biases everywhere), on rows
+    [B, N, Dv] of packed images."""
 
     cfg: VisionConfig
     compute: ComputeConfig
     lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, x_ND, angles_ND2, mask_NN):
+    def __call__(self, x_BND, angles_BND2, mask_BNN):
         c, kw = self.cfg, dict(compute=self.compute, lora=self.lora, bias=True)
-        N, D = x_ND.shape
+        B, N, D = x_BND.shape
         H, hd = c.num_heads, c.head_dim
-        h = LayerNorm(1e-5, self.compute, name="norm0")(x_ND)
+        h = LayerNorm(1e-5, self.compute, name="norm0")(x_BND)
         qkv = Linear(3 * D, ("vision_qkv", "vision_embed"), name="wqkv", **kw)(h)
-        q, k, v = (t.reshape(N, H, hd) for t in jnp.split(qkv, 3, axis=-1))
-        q, k = _rotate_pairs(q, angles_ND2), _rotate_pairs(k, angles_ND2)
+        q, k, v = (t.reshape(B, N, H, hd) for t in jnp.split(qkv, 3, axis=-1))
+        q, k = _rotate_pairs(q, angles_BND2), _rotate_pairs(k, angles_BND2)
         acc = accum_dtype(q.dtype)
-        logits = jnp.einsum("nhd,mhd->hnm", q, k, preferred_element_type=acc) * hd**-0.5
-        logits = jnp.where(mask_NN[None], logits, jnp.finfo(acc).min)
+        logits = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=acc) * hd**-0.5
+        logits = jnp.where(mask_BNN[:, None], logits, jnp.finfo(acc).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        o = jnp.einsum("hnm,mhd->nhd", probs, v, preferred_element_type=acc).astype(q.dtype)
-        x_ND = x_ND + Linear(D, ("vision_embed", "vision_embed"), name="wo", **kw)(o.reshape(N, D))
-        h = LayerNorm(1e-5, self.compute, name="norm1")(x_ND)
+        o = jnp.einsum("bhnm,bmhd->bnhd", probs, v, preferred_element_type=acc).astype(q.dtype)
+        wo = Linear(D, ("vision_embed", "vision_embed"), name="wo", **kw)
+        x_BND = x_BND + wo(o.reshape(B, N, D))
+        h = LayerNorm(1e-5, self.compute, name="norm1")(x_BND)
         h = Linear(c.intermediate_size, ("vision_mlp", "vision_embed"), name="fc0", **kw)(h)
         h = nn.gelu(h, approximate=c.hidden_act == "gelu_pytorch_tanh")
-        return x_ND + Linear(D, ("vision_embed", "vision_mlp"), name="fc1", **kw)(h), None
+        return x_BND + Linear(D, ("vision_embed", "vision_mlp"), name="fc1", **kw)(h), None
 
 
 class MoonViT(nn.Module):
-    """The vision tower: patches [N, 3·P·P] and `grid_inputs` → merged [M, merge, Dv]."""
+    """The vision tower: rows of patches [B, N, 3·P·P] and `row_inputs` → merged
+    [B, M, merge, Dv]."""
 
     cfg: VisionConfig
     compute: ComputeConfig
     lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, patches_NF, grid):
+    def __call__(self, patches_BNF, grid):
         c = self.cfg
         dt = self.compute.jnp_dtype
         # the stride-P convolution of the checkpoint is this matmul on flattened (c, kh, kw) patches
@@ -171,7 +258,7 @@ class MoonViT(nn.Module):
             self.compute,
             bias=True,
             name="patch_embed_proj",
-        )(patches_NF.astype(dt))
+        )(patches_BNF.astype(dt))
         table = self.param(
             "pos_emb",
             nn.with_logical_partitioning(
@@ -180,18 +267,20 @@ class MoonViT(nn.Module):
             (c.pos_emb_height, c.pos_emb_width, c.hidden_size),
             self.compute.jnp_param_dtype,
         ).reshape(-1, c.hidden_size)
-        taps = jnp.take(table, grid["pos_index"], axis=0).astype(jnp.float32)  # [N, 16, Dv]
-        pos = jnp.einsum("nk,nkd->nd", grid["pos_weight"], taps)
+        taps = jnp.take(table, grid["pos_index"], axis=0).astype(jnp.float32)  # [B, N, 16, Dv]
+        pos = jnp.einsum("bnk,bnkd->bnd", grid["pos_weight"], taps)
         x = x + pos.astype(x.dtype)
 
         quarter = c.head_dim // 4
         inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, 2 * quarter, 2) / (2 * quarter)))
         hw = grid["pos_hw"].astype(jnp.float32)
         # pair 2i turns by column·f_i, pair 2i+1 by row·f_i (module docstring)
-        angles = jnp.stack([hw[:, 1:2] * inv_freq, hw[:, 0:1] * inv_freq], -1).reshape(
-            hw.shape[0], -1
-        )
-        mask = grid["segment"][:, None] == grid["segment"][None, :]
+        angles = jnp.stack([hw[..., 1:2] * inv_freq, hw[..., 0:1] * inv_freq], -1)
+        angles = angles.reshape(*hw.shape[:-1], -1)
+        seg = grid["segment"]
+        # a padding patch (segment −1) sees only itself: no row of the softmax is empty
+        same = seg[:, :, None] == seg[:, None, :]
+        mask = same & (seg[:, :, None] >= 0) | jnp.eye(seg.shape[1], dtype=bool)
         blocks = nn.scan(
             Block,
             variable_axes={"params": 0, "lora": 0},
@@ -202,7 +291,7 @@ class MoonViT(nn.Module):
         )
         x, _ = blocks(c, self.compute, self.lora, name="blocks")(x, angles, mask)
         x = LayerNorm(1e-5, self.compute, name="final_layernorm")(x)
-        return jnp.take(x, grid["merge_index"], axis=0)  # [M, merge, Dv]
+        return jax.vmap(lambda xr, idx: jnp.take(xr, idx, axis=0))(x, grid["merge_index"])
 
 
 class Projector(nn.Module):
@@ -213,11 +302,10 @@ class Projector(nn.Module):
     lora: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self, merged_MKD):
+    def __call__(self, merged_BMKD):
         c, kw = self.cfg, dict(compute=self.compute, lora=self.lora, bias=True)
-        M = merged_MKD.shape[0]
-        x = LayerNorm(c.projection_eps, self.compute, name="pre_norm")(merged_MKD)
-        x = x.reshape(M, -1)
+        x = LayerNorm(c.projection_eps, self.compute, name="pre_norm")(merged_BMKD)
+        x = x.reshape(*x.shape[:-2], -1)
         width = x.shape[-1]
         x = Linear(width, ("vision_mlp", "vision_mlp"), name="proj_0", **kw)(x)
         x = nn.gelu(x, approximate=False)

@@ -53,6 +53,9 @@ class ModelSource:
       "tiny": the built-in 1,024-id test tokenizer (k2jax.data.testing), written into the run folder.
     overrides: ModelConfig fields to change after reading the architecture, e.g.
       {"latent_norm_eps": 1e-6} to match the reference code's latent norms.
+    vision: Kimi-K2.5/K2.6's vision tower and projector. None: used when the checkpoint has a
+      complete one and the data has images; True: always (an error without one); False: never
+      (images in the data are then bad examples). Frozen unless lora.targets name its linears.
     """
 
     path: str | None = None
@@ -60,6 +63,7 @@ class ModelSource:
     seed: int = 0
     tokenizer: str | None = None
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    vision: bool | None = None
 
     def __post_init__(self):
         check_field_types(self, "model")

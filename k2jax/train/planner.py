@@ -75,6 +75,9 @@ class PlanResult:
     # devices one row's sequence is split
     context_parallel: str = "none"
     context_degree: int = 1
+    # K2.5's vision tower and projector (part of bf16_weights) and the image patches per row
+    vision_weights: int = 0
+    image_patches: int = 0
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -87,6 +90,16 @@ class PlanResult:
         rows = [
             ("int4 weights (experts)", self.int4_weights),
             ("bf16 weights (rest of base)", self.bf16_weights),
+            *(
+                [
+                    (
+                        f"  of which vision tower ({self.image_patches:,} patches/row)",
+                        self.vision_weights,
+                    )
+                ]
+                if self.image_patches
+                else []
+            ),
             ("LoRA (+ trainable base), fp32", self.lora),
             ("optimizer state", self.optimizer),
             ("other state + batch", self.other_state),
@@ -153,10 +166,14 @@ def plan(
     optim=None,
     compute=None,
     grad_accum: int = 1,
+    vision=None,
+    image_patches: int | None = None,
 ) -> PlanResult:
     """Compiles the LoRA train step of `model_cfg` for the mesh and reports per-device bytes.
 
-    batch defaults to one sequence per data-parallel shard (data × expert rows).
+    batch defaults to one sequence per data-parallel shard (data × expert rows). vision: K2.5's
+    VisionConfig, to plan a run with images — `image_patches` per row (data.image_patches;
+    None: seq · merge², the data's default).
     """
     from k2jax.lora import LoraConfig
     from k2jax.model import ComputeConfig
@@ -190,6 +207,7 @@ def plan(
         schedule=ScheduleConfig(),
         total_steps=1000,
         grad_accum=grad_accum,
+        vision=vision,
     )
     program = Program(spec, mesh)
     with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
@@ -204,21 +222,38 @@ def plan(
         )
         for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")
     }
+    patches = 0
+    if vision is not None:
+        patches = image_patches or seq * vision.merge_size
+        shapes = {
+            "pixel_values": ((patches, vision.patch_features), jnp.float32),
+            "pos_index": ((patches, 16), jnp.int32),
+            "pos_weight": ((patches, 16), jnp.float32),
+            "pos_hw": ((patches, 2), jnp.int32),
+            "segment": ((patches,), jnp.int32),
+            "merge_index": ((patches // vision.merge_size, vision.merge_size), jnp.int32),
+        }
+        for k, (shape, dt) in shapes.items():
+            batch_abs[k] = jax.ShapeDtypeStruct(
+                (grad_accum, micro, *shape), dt, sharding=program.image_shardings[k]
+            )
     with use_mesh(mesh):
         compiled = program._train_step.lower(state, frozen, batch_abs).compile()
     ma = compiled.memory_analysis()
 
     is_int4 = lambda path: path[-1] in ("weight_q", "weight_scale")  # noqa: E731
-    int4 = bf16 = 0
+    int4 = bf16 = vision_b = 0
     for (path, x), s in zip(
         jax.tree_util.tree_flatten_with_path(program.frozen_abstract)[0],
         jax.tree.leaves(program.frozen_shardings),
     ):
         b = _shard_bytes(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s))
-        if is_int4(tuple(getattr(k, "key", k) for k in path)):
+        keys = tuple(getattr(k, "key", k) for k in path)
+        if is_int4(keys):
             int4 += b
         else:
             bf16 += b
+            vision_b += b if keys[0] in ("vision_tower", "mm_projector") else 0
     sh = program.state_shardings
     lora_b = _tree_bytes(program.state_abstract["trainable"], sh["trainable"])
     opt_b = _tree_bytes(program.state_abstract["opt_state"], sh["opt_state"])
@@ -271,6 +306,8 @@ def plan(
         context_degree={"none": 1, "expert": mesh_sizes["expert"]}.get(
             mode, mesh_sizes["data"] * mesh_sizes["expert"]
         ),
+        vision_weights=vision_b,
+        image_patches=patches,
     )
 
 
@@ -382,6 +419,7 @@ def configs_from_file(path: str, overrides: list[str]):
         else:
             model = ModelConfig.from_hf_dir(run.model.path)
         return model, run.compute, run.lora, run.optim, run
+
     other = [o for o in overrides if not o.startswith("model.")]
     if other:
         raise ConfigError(
@@ -395,6 +433,22 @@ def configs_from_file(path: str, overrides: list[str]):
         raise ConfigError(f"{path}: not a model preset or run config: {e}") from None
     compute = ComputeConfig(dtype="bfloat16", param_dtype="bfloat16", experts="int4", remat="full")
     return model, compute, None, None, None
+
+
+def _run_vision(run):
+    """The vision tower a run config would train with images: its checkpoint's, unless
+    model.vision = False (a plan cannot see whether the data has images, so it counts the tower
+    whenever the checkpoint has one)."""
+    if run.model.path is None or run.model.vision is False:
+        return None
+    from k2jax.conversion.vision_loader import checkpoint_vision
+
+    vision, why = checkpoint_vision(run.model.path)
+    if vision is None and run.model.vision:
+        from k2jax.config import ConfigError
+
+        raise ConfigError(f"model.vision = True, but {run.model.path} has no vision tower: {why}")
+    return vision
 
 
 def plan_config(
@@ -422,10 +476,13 @@ def plan_config(
 
     model, compute, lora, optim, run_config = configs_from_file(config, list(overrides))
     grad_accum = 1
+    vision, image_patches = None, None
     if run_config is not None:
         batch = batch or run_config.data.batch_size
         grad_accum = run_config.train.grad_accum
         seq = seq or run_config.data.seq_len
+        vision = _run_vision(run_config)
+        image_patches = run_config.data.image_patches
     seq = seq or 4096
     if moe_chunk_tokens is None:
         moe_chunk_tokens = compute.moe_chunk_tokens or 512
@@ -443,6 +500,8 @@ def plan_config(
         reserve_fraction=reserve_fraction,
         lora=lora,
         optim=optim,
+        vision=vision,
+        image_patches=image_patches,
     )
     results = {}
     for policy in policies:

@@ -60,6 +60,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from k2jax.config import ConfigError, ModelConfig
+from k2jax.config.vision import VisionConfig
 from k2jax.lora import LoraConfig
 from k2jax.model import ComputeConfig, Transformer
 from k2jax.model.context_parallel import resolve as resolve_context
@@ -85,6 +86,9 @@ from k2jax.train.state import (
 )
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+# With a vision tower: the per-row image arrays of k2jax.model.vision.row_inputs, which
+# `device_batch` builds from the data's pixel_values and image_grid_thw.
+IMAGE_KEYS = ("pixel_values", "pos_index", "pos_weight", "pos_hw", "segment", "merge_index")
 # Model aux outputs combined over microbatches by max (the rest add up).
 MAX_AUX = ("max_logit", "exchange_rounds")
 
@@ -103,11 +107,19 @@ class StepSpec:
     z_loss: float = 0.0
     train_router: bool = False
     train_norms: bool = False
+    vision: VisionConfig | None = None  # K2.5's vision tower and projector, frozen unless LoRA
 
     @classmethod
-    def from_run_config(cls, run, model: ModelConfig, total_steps: int | None = None) -> StepSpec:
+    def from_run_config(
+        cls,
+        run,
+        model: ModelConfig,
+        total_steps: int | None = None,
+        vision: VisionConfig | None = None,
+    ) -> StepSpec:
         """The spec of a RunConfig (k2jax.train.config) for the architecture `model`.
-        total_steps: the run's length when train.steps is None (counted from its epochs)."""
+        total_steps: the run's length when train.steps is None (counted from its epochs).
+        vision: the checkpoint's vision tower, when the run trains with images."""
         t = run.train
         total_steps = t.steps if total_steps is None else total_steps
         if total_steps is None:
@@ -130,6 +142,7 @@ class StepSpec:
             z_loss=t.z_loss,
             train_router=t.train_router,
             train_norms=t.train_norms,
+            vision=vision,
         )
 
 
@@ -144,7 +157,7 @@ class Program:
 
     def __init__(self, spec: StepSpec, mesh: Mesh):
         self.spec, self.mesh = spec, mesh
-        self.model = Transformer(spec.model, spec.compute, spec.lora)
+        self.model = Transformer(spec.model, spec.compute, spec.lora, vision=spec.vision)
         self.predicate = trainable_predicate(router=spec.train_router, norms=spec.train_norms)
         boxed = jax.eval_shape(
             lambda: init_variables(self.model, jax.random.key(0), lora_rng=jax.random.key(0))
@@ -193,8 +206,15 @@ class Program:
             "rng": rep,
             "nonfinite": {"streak": rep, "total": rep},
         }
-        self.batch_sharding = ns(spec_for((None, *token_axes(spec.compute.context_parallel))))
+        rows_axis, seq_axis = token_axes(spec.compute.context_parallel)
+        self.batch_sharding = ns(spec_for((None, rows_axis, seq_axis)))
         batch_sh = dict.fromkeys(BATCH_KEYS, self.batch_sharding)
+        # image arrays [M, rows, ...]: split with their rows, each row's images whole
+        self.image_shardings = {
+            k: ns(spec_for((None, rows_axis) + (None,) * (1 if k == "segment" else 2)))
+            for k in (IMAGE_KEYS if spec.vision is not None else ())
+        }
+        batch_sh.update(self.image_shardings)
         self._init_state = jax.jit(self._init_state_fn, out_shardings=self.state_shardings)
         self._init_base = jax.jit(
             self._init_base_fn,
@@ -217,7 +237,7 @@ class Program:
 
     # Initialisation -----------------------------------------------------------------------------
     def _init_base_fn(self, seed: int):
-        base = Transformer(self.spec.model, self.spec.compute)
+        base = Transformer(self.spec.model, self.spec.compute, vision=self.spec.vision)
         params = nn.unbox(init_variables(base, jax.random.key(seed)))["params"]
         frozen, tparams = split_params(params, self.predicate)
         return frozen, jax.tree.map(lambda x: x.astype(jnp.float32), tparams)
@@ -265,6 +285,7 @@ class Program:
         }
         # Dropout only in training (a key is given); eval runs the deterministic model.
         rngs = {"dropout": key} if key is not None and self.spec.lora.dropout > 0 else None
+        images = {k: mb[k] for k in self.image_shardings} or None
         return self.model.apply(
             variables,
             mb["tokens"],
@@ -273,6 +294,7 @@ class Program:
             mb["positions"],
             mb["segment_ids"],
             z_weight=self.spec.z_loss,
+            images=images,
             method=Transformer.loss,
             rngs=rngs,
         )
@@ -409,21 +431,36 @@ class Program:
 
     # Batches ------------------------------------------------------------------------------------
     def device_batch(self, host_batch: dict) -> dict:
-        """This host's rows {key: [rows, T]} → global arrays [M, b, T] sharded over the mesh."""
+        """This host's rows {key: [rows, T]} → global arrays [M, b, T] sharded over the mesh.
+        With a vision tower, the rows' pixel_values and image_grid_thw become the per-row image
+        arrays of `row_inputs` ([M, b, ...], split with their rows)."""
         M = self.spec.grad_accum
+        arrays = {key: np.asarray(host_batch[key]) for key in BATCH_KEYS}
+        shardings = dict.fromkeys(BATCH_KEYS, self.batch_sharding)
+        if self.spec.vision is not None:
+            missing = [k for k in ("pixel_values", "image_grid_thw") if k not in host_batch]
+            if missing:
+                raise ValueError(
+                    f"a model with a vision tower needs batches with {', '.join(missing)} "
+                    "(PackedBatches with images=ImageProcessor)"
+                )
+            from k2jax.model.vision import row_inputs
+
+            images = row_inputs(
+                host_batch["pixel_values"], host_batch["image_grid_thw"], self.spec.vision
+            )
+            arrays.update({k: images[k] for k in IMAGE_KEYS})
+            shardings.update(self.image_shardings)
         out = {}
-        for key in BATCH_KEYS:
-            x = np.asarray(host_batch[key])
-            rows, T = x.shape
+        for key, x in arrays.items():
+            rows = x.shape[0]
             if rows % M:
                 raise ValueError(
                     f"{rows} rows per host cannot be split into train.grad_accum={M} microbatches"
                 )
-            local = x.reshape(M, rows // M, T)
-            global_shape = (M, rows * jax.process_count() // M, T)
-            out[key] = jax.make_array_from_process_local_data(
-                self.batch_sharding, local, global_shape
-            )
+            local = x.reshape(M, rows // M, *x.shape[1:])
+            global_shape = (M, rows * jax.process_count() // M, *x.shape[1:])
+            out[key] = jax.make_array_from_process_local_data(shardings[key], local, global_shape)
         return out
 
     def step_flops(self, segment_ids: np.ndarray) -> float:

@@ -132,7 +132,7 @@ class Trainer:
 
             import_wandb()  # installed? said now, not after the compile
         self.tokenizer = self._tokenizer()
-        self._check_data()
+        self.vision = self._vision(self._check_data())
         self.checkpointer = Checkpointer(
             checkpoint_dir(cfg), keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
         )
@@ -161,7 +161,9 @@ class Trainer:
                 check_fresh_start(self.run_dir, cfg)
             adapter = read_init_adapter(cfg, self.model_config)  # checked before the base loads
         self.total_steps = self._total_steps(meta)
-        spec = StepSpec.from_run_config(cfg, self.model_config, total_steps=self.total_steps)
+        spec = StepSpec.from_run_config(
+            cfg, self.model_config, total_steps=self.total_steps, vision=self.vision
+        )
         self.program = build_program(spec, self.mesh)
         from k2jax.data import PackedBatches
 
@@ -172,6 +174,7 @@ class Trainer:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             state=data_state,
+            images=self._image_processor(),
         )
         self.frozen, trained_params = self._load_base()
         self.tokens_seen = int(meta.get("tokens_seen", 0))
@@ -231,12 +234,38 @@ class Trainer:
         a bad line is an error (or a count of lines to skip) in seconds, not after the compile."""
         from k2jax.data import validate_data
 
-        validate_data(self._data_config(), progress=self.config.log.progress and self.is_main)
+        check = validate_data(
+            self._data_config(), progress=self.config.log.progress and self.is_main
+        )
+        images = check.images
         if self.config.eval.path is not None:
-            validate_data(
+            images += validate_data(
                 self._data_config(self.config.eval.path, shuffle=False, num_epochs=1),
                 progress=self.config.log.progress and self.is_main,
+            ).images
+        return images
+
+    def _vision(self, images: int):
+        """The VisionConfig of the tower to train with, or None (see ModelSource.vision)."""
+        src = self.config.model
+        if src.vision is False:
+            return None
+        if src.path is None:
+            vcfg, why = None, "a random base (model.preset) is a text model"
+        else:
+            from k2jax.conversion.vision_loader import checkpoint_vision
+
+            vcfg, why = checkpoint_vision(src.path)
+        if vcfg is None and (src.vision or images):
+            raise ConfigError(
+                f"model.vision: {'the data has ' + format(images, ',') + ' images, but ' if images else ''}"
+                f"the model has no vision tower ({why}); set model.vision = False to train on "
+                "text only (records with images are then skipped as bad examples)"
             )
+        if vcfg is not None and not (src.vision or images):
+            log.info("the vision tower is not loaded: the data has no images (model.vision)")
+            return None
+        return vcfg
 
     def _make_mesh(self):
         from k2jax.sharding import make_mesh
@@ -330,6 +359,14 @@ class Trainer:
             )
         return tokenizer
 
+    def _image_processor(self):
+        """The checkpoint's ImageProcessor when training with the vision tower, else None."""
+        if self.vision is None:
+            return None
+        from k2jax.data.images import ImageProcessor
+
+        return ImageProcessor.from_dir(self.config.model.path)
+
     def _load_base(self):
         src, prog = self.config.model, self.program
         if src.path is None:
@@ -341,6 +378,7 @@ class Trainer:
             mesh=self.mesh,
             compute=self.config.compute,
             config_overrides=dict(src.overrides) or None,
+            vision=self.vision is not None,
         )
         return prog.split_base(params)
 
@@ -656,6 +694,7 @@ class Trainer:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             split="train" if cfg.eval.path is not None else "validation",
+            images=self._image_processor(),
         )
         total = {"loss_sum": 0.0, "z_loss_sum": 0.0, "count": 0.0}
         for _, host_batch in zip(range(cfg.eval.batches), data):
