@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import TINY_HF_CONFIG, rel_err, run_reference, write_json
@@ -22,7 +23,7 @@ from k2jax.config import ConfigError
 from k2jax.config.vision import VisionConfig
 from k2jax.conversion.safetensors_io import CheckpointError
 from k2jax.conversion.vision_loader import expected_names
-from k2jax.model.vision import grid_inputs
+from k2jax.model.vision import grid_inputs, row_inputs
 from k2jax.testing import make_tiny_checkpoint
 
 P = 4  # patch size
@@ -184,3 +185,37 @@ def test_grid_inputs_layout():
     assert np.allclose(first.max(-1), 1.0) and np.allclose(first.sum(-1), 1.0)
     rows = g["pos_index"][np.arange(36), first.argmax(-1)]
     assert rows.tolist() == list(range(36))
+
+
+def test_images_per_row_match_transformers(reference, model):
+    """Two prompts in one batch, each row with its own images — the layout training uses
+    (`row_inputs`: every row's patches zero-padded to one length, here with spare padding
+    patches) — give each prompt's transformers logits."""
+    _, cases, logits, _ = reference
+    a, b = cases["same"], cases["two"]
+    ids = [a["input_ids"][0], b["input_ids"][0]]
+    T = max(map(len, ids))
+    tokens = np.zeros((2, T), np.int32)
+    for r, row in enumerate(ids):
+        tokens[r, : len(row)] = row
+    # through the public API: transformers' flat layout, images assigned to rows by their tokens
+    got = np.asarray(
+        model.logits(
+            tokens,
+            pixel_values=np.concatenate([a["pixel_values"], b["pixel_values"]]),
+            image_grid_thw=a["image_grid_thw"] + b["image_grid_thw"],
+        )
+    )
+    for r, case in enumerate(("same", "two")):
+        assert rel_err(got[r, : len(ids[r])], logits[case][0]) <= 1e-5
+    # the training layout: per-row arrays with more padding patches than any row needs
+    F = 3 * P * P
+    pixels = np.zeros((2, 160, F), np.float32)
+    pixels[0, :36] = np.reshape(a["pixel_values"], (36, F))
+    pixels[1, :104] = np.reshape(b["pixel_values"], (104, F))
+    grids = np.zeros((2, 3, 3), np.int64)
+    grids[0, 0], grids[1, :2] = a["image_grid_thw"][0], b["image_grid_thw"]
+    images = row_inputs(pixels, grids, model.vision)
+    rows = np.asarray(model._logits_fn(model.variables(), jnp.asarray(tokens), None, None, images))
+    for r, case in enumerate(("same", "two")):
+        assert rel_err(rows[r, : len(ids[r])], logits[case][0]) <= 1e-5

@@ -20,6 +20,12 @@ computed on the host by `grid_inputs`, so the jitted model sees only arrays of s
 * `segment` [N]: the image each patch belongs to (the block-diagonal mask);
 * `merge_index` [M, 4]: the four patches of every merged token, (kh, kw) in raster order.
 
+The model takes them per row of the batch (`row_inputs`: [B, N, ...], each row's images packed
+and zero-padded to N patches, padding patches in a segment of their own), so a training batch's
+images split over the mesh with their rows and every row's image tokens take the features of its
+own images, in order. `split_rows` turns transformers' layout — one [N, 3, P, P] for the whole
+batch — into that.
+
 Layout of wqkv. The released checkpoints keep Moonshot's complex-number rotary layout: within a
 head, rows (2j, 2j+1) of q and k are one rotated pair, turned by the angle w·f_i (j = 2i) or
 h·f_i (j = 2i+1), f_i = θ^(−4i/head_dim). transformers permutes those rows at load time to use its
