@@ -7,6 +7,7 @@ MuonClip rescaled, the merged weight is what the trained model computes with:
 
     W' = diag(row scale) · (W + s·B·A)
 
+(Kimi-K2.5's vision adapters too, on the released tower tensors: k2jax.conversion.vision_lora),
 with the QK-clip row scales of k2jax.model.mla: q_b_proj rows of head h × s_qn[h] (its Dn nope
 rows) and × s_qr[h] (its Dr rope rows); kv_b_proj rows × s_kn[h] (its Dn key rows; value rows
 unchanged). Base parameters trained in full (`trained_params`: router, norms) replace theirs.
@@ -70,6 +71,7 @@ from k2jax.conversion.safetensors_io import (
     replace_dir,
     write_safetensors,
 )
+from k2jax.conversion.vision_lora import VISION_ROOTS, merge_edits, split_vision
 from k2jax.lora import LoraConfig
 from k2jax.paths import check_output_path
 from k2jax.quant import quantize_int4
@@ -138,15 +140,18 @@ class _Edit:
 def _edits(cfg: ModelConfig, lora_config, lora_tree, qk_clip_tree, trained_params):
     """HF module or tensor name → _Edit (modules for weights, full names for replacements)."""
     edits: dict[str, _Edit] = {}
-    lora_tree = unbox_tree(lora_tree)
-    if lora_tree:
-        if lora_config is None:
-            raise MergeError("a LoRA tree needs its lora_config (for the scale alpha/r)")
-        for slot in lora_slots(cfg, lora_tree):
-            edit = edits.setdefault(slot.module, _Edit())
-            edit.adapters.append(
-                (lambda s=slot: lora_factors(lora_tree, s), float(lora_config.scale))
-            )
+    lora_tree, vision_tree = split_vision(unbox_tree(lora_tree))
+    if (lora_tree or vision_tree) and lora_config is None:
+        raise MergeError("a LoRA tree needs its lora_config (for the scale alpha/r)")
+    for slot in lora_slots(cfg, lora_tree) if lora_tree else ():
+        edit = edits.setdefault(slot.module, _Edit())
+        edit.adapters.append((lambda s=slot: lora_factors(lora_tree, s), float(lora_config.scale)))
+    try:
+        vision = merge_edits(vision_tree)
+    except ValueError as e:
+        raise MergeError(str(e)) from None
+    for module, factors in vision.items():  # released names, the layout k2jax keeps
+        edits.setdefault(module, _Edit()).adapters.append((factors, float(lora_config.scale)))
     for stack, layer, scales in _qk_clip_layers(cfg, qk_clip_tree):
         if np.all(scales == 1.0):
             continue
@@ -282,7 +287,7 @@ def _plan_changes(index: CheckpointIndex, edits: dict[str, _Edit], cfg: ModelCon
     by_module: dict[str, str] = {}  # normalized module → raw module
     by_name: dict[str, str] = {}
     for raw in index.names():
-        name = normalize_name(raw)
+        name = raw if raw.startswith(tuple(f"{r}." for r in VISION_ROOTS)) else normalize_name(raw)
         if name is None:
             continue
         by_name[name] = raw

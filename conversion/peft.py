@@ -37,6 +37,12 @@ The routed experts come in two layouts (`layout=`):
   down_proj outside (`experts.lora_*`). Native for PEFT on transformers 5, and for vLLM models
   that declare 3-D MoE LoRA weights (not DeepSeek).
 
+Kimi-K2.5's vision tower and projector (k2jax.conversion.vision_lora): their adapters are written
+under transformers' Kimi_K25ForConditionalGeneration names (`model.vision_tower.layers.N.attn.
+q_proj`, ..., wqkv unfused and its rope rows permuted as transformers loads the weight), and the
+text adapters of such an export under that model's `model.language_model.` prefix — an adapter
+for the whole multimodal model. A text-only adapter keeps the language model's own names.
+
 What an adapter cannot carry: MuonClip's QK-clip factors (per-head rescaling of q_b_proj /
 kv_b_proj rows of W + s·B·A — not a low-rank update of W) and base parameters trained in full
 (router, norms). `export_peft` refuses a run that has them (factors ≠ 1, trained leaves) unless
@@ -65,8 +71,10 @@ import ml_dtypes
 import numpy as np
 
 from k2jax.config import ModelConfig
+from k2jax.config.vision import VisionConfig
 from k2jax.conversion.hf_names import ParamSlot, slot_to_hf
 from k2jax.conversion.safetensors_io import replace_dir, write_safetensors
+from k2jax.conversion.vision_lora import peft_tensors, split_vision
 from k2jax.lora import ATTENTION_TARGETS, MLP_TARGETS, LoraConfig
 from k2jax.paths import check_output_path
 
@@ -298,6 +306,7 @@ def export_peft(
     base_model_name_or_path: str | None = None,
     strict: bool = True,
     overwrite: bool = False,
+    vision: VisionConfig | None = None,
 ) -> Path:
     """Writes `lora_tree` as a PEFT adapter folder (adapter_model.safetensors +
     adapter_config.json) and returns its path. See the module docstring for the layouts and for
@@ -306,7 +315,8 @@ def export_peft(
 
     base_model_name_or_path goes into adapter_config.json: a hub name as given, a local folder
     that exists as its absolute path (symlinks resolved), so the adapter finds its base from any
-    working directory. `out_dir` must not be, contain or lie inside that folder.
+    working directory. `out_dir` must not be, contain or lie inside that folder. vision: the
+    base's VisionConfig, needed when the tree has vision-tower adapters.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -320,9 +330,20 @@ def export_peft(
         )
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True to replace it")
-    lora_tree = unbox_tree(lora_tree)
+    lora_tree, vision_tree = split_vision(unbox_tree(lora_tree))
     modules = _modules_of(model_config, lora_tree)
-    if not modules:
+    vision_adapters, vision_targets = {}, set()
+    if vision_tree:
+        if vision is None:
+            raise ExportError(
+                "the LoRA tree has vision-tower adapters; export needs the base's vision config "
+                "(a Kimi-K2.5/K2.6 checkpoint folder)"
+            )
+        try:
+            vision_adapters, vision_targets = peft_tensors(vision_tree, vision)
+        except ValueError as e:
+            raise ExportError(str(e)) from None
+    if not modules and not vision_adapters:
         raise ExportError("the LoRA tree holds no adapters; nothing to export")
     lossy = []
     if not qk_clip_is_identity(qk_clip_tree):
@@ -358,10 +379,24 @@ def export_peft(
             "(README, 'Serve your fine-tune')"
         )
 
-    rank = next(iter(modules.values()))[0].shape[-2]
+    ranks = {a.shape[-2] for a, _ in modules.values()}
+    ranks |= {a.shape[0] for a, _ in vision_adapters.values()}
+    if len(ranks) != 1:
+        raise ExportError(f"the adapters have different ranks {sorted(ranks)}")
+    rank = ranks.pop()
     scale = lora_config.scale
     np_dtype = _DTYPES[dtype]
     tensors, config = _build(model_config, lora_tree, modules, rank, scale, layout, np_dtype)
+    if vision_adapters:  # the whole multimodal model: its language model under language_model.
+        text = PREFIX + "model."
+        tensors = {
+            k.replace(text, text + "language_model.", 1) if k.startswith(text) else k: v
+            for k, v in tensors.items()
+        }
+        for name, (a, b) in vision_adapters.items():
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = _Lazy(a.shape, np_dtype, lambda a=a: a)
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = _Lazy(b.shape, np_dtype, lambda b=b: b)
+        config["target_modules"] = sorted({*config["target_modules"], *vision_targets})
     config["base_model_name_or_path"] = base_model_name_or_path
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -124,7 +124,10 @@ class K2Model:
         (`.text`, `.tokens`, `.prompt_tokens`, `.finish_reason`).
 
         prompt: a string (one user message, rendered with the chat template; raw text with
-            chat=False), a list of OpenAI-style messages, or a list of token ids.
+            chat=False), a list of OpenAI-style messages, or a list of token ids. With the
+            vision tower, messages may show images: {"type": "image", "image": "cat.png"}
+            (or an OpenAI image_url part with a file:// or data: URL), preprocessed with the
+            checkpoint's preprocessor_config.json.
         temperature 0 is greedy; top_p / min_p filter the tempered distribution (k2jax.generate).
         Generation stops at <|im_end|> or [EOS] (or the ids in `stop`) or after max_new_tokens.
         tokenizer: a KimiTokenizer or a folder holding one; default: the checkpoint folder.
@@ -140,6 +143,11 @@ class K2Model:
             tokenizer = KimiTokenizer.from_dir(tokenizer)
         if template is None:
             template = template_for(folder) if folder is not None else "kimi_k2"
+        images = None
+        if self.vision is not None:
+            from k2jax.data.images import ImageProcessor
+
+            images = ImageProcessor.from_dir(folder) if folder is not None else ImageProcessor()
         return generate(
             self.module,
             self.variables(),
@@ -153,6 +161,7 @@ class K2Model:
             thinking=thinking,
             chat=chat,
             mesh=self.mesh,
+            images=images,
         )
 
 
@@ -200,7 +209,7 @@ def load_finetune(
         from k2jax.model.transformer import init_variables
         from k2jax.sharding import param_shardings
 
-        module = Transformer(base.config, base.compute, run.lora_config)
+        module = Transformer(base.config, base.compute, run.lora_config, vision=base.vision)
         boxed = jax.eval_shape(
             lambda: init_variables(module, jax.random.key(0), lora_rng=jax.random.key(1))
         )
@@ -346,6 +355,13 @@ def export_adapter(
     from k2jax.conversion.peft import export_peft
 
     r = _as_run(run, step)
+    vision = None
+    if r.base_path is not None and any(
+        k in (r.lora or {}) for k in ("vision_tower", "mm_projector")
+    ):
+        from k2jax.conversion.vision_loader import checkpoint_vision
+
+        vision = checkpoint_vision(r.base_path)[0]
     return export_peft(
         r.model_config,
         r.lora_config,
@@ -358,6 +374,7 @@ def export_adapter(
         base_model_name_or_path=None if r.base_path is None else str(r.base_path),
         strict=strict,
         overwrite=overwrite,
+        vision=vision,
     )
 
 

@@ -4,12 +4,14 @@
     k2jax chat --run runs/my-run                         # the run's base + its LoRA and QK-clip
     k2jax chat --model DIR --adapter adapters/mine       # a checkpoint + a PEFT adapter folder
     k2jax chat --model DIR --prompt "Hello"              # one answer, no REPL (scripts, tests)
+    k2jax chat --model K25 --image cat.png --prompt "What is this?"   # images (K2.5 / K2.6)
     printf 'Hi\\nAnd then?\\n' | k2jax chat --model DIR  # turns from a pipe
 
 Each line read from stdin is a user turn; the whole conversation is rendered with the model's
 chat template (k2jax.data.chat) and answered with KV-cached sampling (k2jax.generate), the text
 printed as it is generated. `/reset` starts a new conversation, `/quit` (or end of input) exits.
 With a thinking template the reasoning is shown and kept out of the history, as the templates do.
+`--image PATH` (repeatable) shows images in the first user turn to a model with a vision tower.
 
 `ChatSession` is the same loop as a library object (a notebook can drive it). Nothing heavy is
 imported until a model is loaded.
@@ -39,9 +41,11 @@ class ChatSession:
         sampling=None,
         max_new_tokens: int = 512,
         seed: int = 0,
+        images=None,
     ):
         from k2jax.generate import Sampling
 
+        self.images = images  # the ImageProcessor of a model with a vision tower
         self.module, self.variables, self.tokenizer = module, variables, tokenizer
         self.template, self.thinking, self.system = template, thinking, system
         self.sampling = sampling if sampling is not None else Sampling()
@@ -55,12 +59,27 @@ class ChatSession:
             self.messages.append({"role": "system", "content": self.system})
         self.turn = 0
 
-    def reply(self, text: str, write: Callable[[str], object] | None = None) -> str:
-        """Answers `text` (streamed to `write` piece by piece) and returns the generated text."""
-        from k2jax.generate import TextStream, prompt_ids, split_reasoning, stream_tokens
+    def reply(self, text: str, write: Callable[[str], object] | None = None, *, images=()) -> str:
+        """Answers `text` (streamed to `write` piece by piece) and returns the generated text;
+        `images`: image file paths shown before the text (a model with a vision tower)."""
+        from k2jax.generate import TextStream, prompt_inputs, split_reasoning, stream_tokens
 
-        messages = [*self.messages, {"role": "user", "content": text}]
-        ids = prompt_ids(messages, self.tokenizer, template=self.template, thinking=self.thinking)
+        if images and self.images is None:
+            raise ValueError("images need a model with a vision tower (a Kimi-K2.5/K2.6 folder)")
+        content = text
+        if images:
+            content = [
+                *({"type": "image", "image": str(p)} for p in images),
+                {"type": "text", "text": text},
+            ]
+        messages = [*self.messages, {"role": "user", "content": content}]
+        ids, pictures = prompt_inputs(
+            messages,
+            self.tokenizer,
+            template=self.template,
+            thinking=self.thinking,
+            images=self.images,
+        )
         stream = TextStream(self.tokenizer)
         generated = []
         for token in stream_tokens(
@@ -71,6 +90,7 @@ class ChatSession:
             sampling=self.sampling,
             seed=self.seed + self.turn,
             stop_ids=self.stop_ids,
+            pictures=pictures,
         ):
             if token in self.stop_ids:
                 break
@@ -123,6 +143,7 @@ def load(
             tokenizer=tokenizer or model,
             template=template or template_for(model),
             thinking=thinking,
+            images=_processor(loaded),
         )
 
     from k2jax.api import load_finetune
@@ -139,7 +160,17 @@ def load(
         tokenizer=tokenizer,
         template=template or r.config.data.template,  # what the run trained on
         thinking=r.config.data.thinking and thinking,
+        images=_processor(tuned),
     )
+
+
+def _processor(model):
+    """The ImageProcessor of a loaded model with a vision tower, else None."""
+    if model.vision is None:
+        return None
+    from k2jax.data.images import ImageProcessor
+
+    return ImageProcessor.from_dir(model.path)
 
 
 def chat(
@@ -157,11 +188,17 @@ def chat(
     max_new_tokens: int = 512,
     seed: int = 0,
     adapter: str | None = None,
+    images=(),
 ) -> None:
     """`k2jax chat`: answers `prompt` and returns, or runs the REPL on stdin (each line a user
     turn; /reset, /quit), printing the answers to stdout as they are generated. The model is a
     checkpoint folder (`model`, optionally with a PEFT `adapter`) or a training run (`run`),
-    loaded as `load` does."""
+    loaded as `load` does. `images`: image files shown in the first user turn."""
+    from pathlib import Path
+
+    for image in images:  # a typo is said before a terabyte loads
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"--image {image}: no such file")
     from k2jax.data.tokenizer import KimiTokenizer
     from k2jax.generate import Sampling
 
@@ -186,14 +223,18 @@ def chat(
         sampling=sampling or Sampling(),
         max_new_tokens=max_new_tokens,
         seed=seed,
+        images=loaded["images"],
     )
+    if images and loaded["images"] is None:
+        raise ValueError("--image needs a model with a vision tower (a Kimi-K2.5/K2.6 folder)")
+    pending = list(images)  # shown with the first user turn
 
     def write(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
     if prompt is not None:
-        session.reply(prompt, write)
+        session.reply(prompt, write, images=pending)
         write("\n")
         return
     interactive = sys.stdin.isatty()
@@ -216,5 +257,6 @@ def chat(
         if text.startswith("/"):
             print(f"unknown command {text}: {HELP}", file=sys.stderr)
             continue
-        session.reply(text, write)
+        session.reply(text, write, images=pending)
+        pending = []
         write("\n")

@@ -238,6 +238,13 @@ def _chat_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-thinking", action="store_true", help="kimi_k25's instant mode")
     parser.add_argument("--system", help="a system prompt")
     parser.add_argument("--prompt", help="answer this one message and exit (no REPL)")
+    parser.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an image shown with the first message (repeatable; a K2.5/K2.6 vision model)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=512, help="longest answer, tokens")
     parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     parser.add_argument(
@@ -277,6 +284,7 @@ def _chat(args: argparse.Namespace) -> int:
         sampling=Sampling(temperature=args.temperature, top_p=args.top_p, min_p=args.min_p),
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
+        images=args.image,
     )
     return 0
 

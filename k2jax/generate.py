@@ -128,7 +128,9 @@ def _sample(logits_BV, key, knobs):
 # Prefill, step and the fused loop (module and settings static; variables are traced)
 
 
-def _prefill(module: Transformer, variables, tokens_BP, lengths_B, key, knobs, max_len):
+def _prefill(
+    module: Transformer, variables, tokens_BP, lengths_B, key, knobs, max_len, images=None
+):
     B, P = tokens_BP.shape
     cache = init_cache(module.cfg, B, max_len, module.compute.jnp_dtype)
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
@@ -137,6 +139,7 @@ def _prefill(module: Transformer, variables, tokens_BP, lengths_B, key, knobs, m
         tokens_BP,
         positions,
         lengths_B - 1,
+        images,
         method=Transformer.decode,
         mutable=["cache"],
     )
@@ -162,12 +165,14 @@ _step_jit = jax.jit(_step, static_argnames=("module",), donate_argnames=("cache"
 
 @functools.partial(jax.jit, static_argnames=("module", "max_len", "max_new_tokens"))
 def _generate_loop(
-    module, variables, tokens_BP, lengths_B, key, knobs, stop, max_len, max_new_tokens
+    module, variables, tokens_BP, lengths_B, key, knobs, stop, max_len, max_new_tokens, images
 ):
     """Tokens [B, max_new_tokens] int32; −1 after a row's stop token (or where it stopped).
     `stop` [n] int32: stop ids, padded with −1 (which no token equals)."""
     B = tokens_BP.shape[0]
-    cache, token, key = _prefill(module, variables, tokens_BP, lengths_B, key, knobs, max_len)
+    cache, token, key = _prefill(
+        module, variables, tokens_BP, lengths_B, key, knobs, max_len, images
+    )
 
     def cond(state):
         i, _, _, _, done, _ = state
@@ -234,6 +239,31 @@ def _prepare(module: Transformer, prompts, max_new_tokens: int, bucket: int, mes
     return tokens, lengths, _round_up(P + max_new_tokens, bucket)
 
 
+def _row_images(module: Transformer, pictures, rows: int):
+    """The per-row `images` of `rows` prompts from each prompt's pictures (k2jax.data.examples:
+    patches and grid, in token order); the mesh's extra rows repeat the last prompt's. None
+    when no prompt has an image."""
+    if pictures is None or not any(pictures):
+        return None
+    if module.vision is None:
+        raise ValueError("the prompt has images, but this model has no vision tower")
+    from k2jax.model.vision import row_inputs
+
+    pictures = list(pictures) + [pictures[-1]] * (rows - len(pictures))
+    v = module.vision
+    n = max(v.merge_size, *(sum(p.num_patches for p in row) for row in pictures))
+    count = max(1, *(len(row) for row in pictures))
+    pixels = np.zeros((rows, n, v.patch_features), np.float32)
+    grids = np.zeros((rows, count, 3), np.int64)
+    for r, row in enumerate(pictures):
+        o = 0
+        for k, p in enumerate(row):
+            pixels[r, o : o + p.num_patches] = p.patches.reshape(p.num_patches, -1)
+            grids[r, k] = p.grid
+            o += p.num_patches
+    return jax.tree.map(jnp.asarray, row_inputs(pixels, grids, v))
+
+
 def generate_tokens(
     module: Transformer,
     variables: dict,
@@ -245,15 +275,19 @@ def generate_tokens(
     stop_ids: Sequence[int] = (),
     bucket: int = 64,
     mesh: jax.sharding.Mesh | None = None,
+    pictures=None,
 ) -> list[tuple[list[int], str]]:
     """Generates for each prompt; returns (new tokens, finish reason) per prompt.
 
     `variables`: {"params", optionally "lora", "qk_clip"} as `module.apply` takes them (the module
     must carry the LoRA config when "lora" is given). The stop token that ended a row is not
     included; the finish reason is "stop" (a stop id was produced) or "length". `mesh`: the mesh
-    the parameters live on (see `_on_mesh`).
+    the parameters live on (see `_on_mesh`). `pictures`: each prompt's images (a list of
+    k2jax.data.examples.Picture per prompt, in the order of its image tokens), for a model with
+    a vision tower.
     """
     tokens, lengths, max_len = _prepare(module, prompts, max_new_tokens, bucket, mesh)
+    images = _row_images(module, pictures, len(tokens))
     stop = [int(s) for s in stop_ids]
     stop += [-1] * (_round_up(max(len(stop), 1), 4) - len(stop))  # few shapes, few compiles
     with _on_mesh(mesh):
@@ -267,6 +301,7 @@ def generate_tokens(
             jnp.asarray(stop, jnp.int32),
             max_len,
             max_new_tokens,
+            images,
         )
     results = []
     stop = set(int(s) for s in stop_ids)
@@ -295,15 +330,25 @@ def stream_tokens(
     stop_ids: Sequence[int] = (),
     bucket: int = 64,
     mesh: jax.sharding.Mesh | None = None,
+    pictures=None,
 ) -> Iterator[int]:
-    """Yields the new tokens of one prompt as they are sampled (the stop token included last)."""
+    """Yields the new tokens of one prompt as they are sampled (the stop token included last);
+    `pictures`: the prompt's images, as in `generate_tokens`."""
     tokens, lengths, max_len = _prepare(module, [prompt], max_new_tokens, bucket, mesh)
+    images = _row_images(module, None if pictures is None else [pictures], len(tokens))
     stop = set(int(s) for s in stop_ids)
     lengths = jnp.asarray(lengths)
     knobs = _knobs(sampling)
     with _on_mesh(mesh):
         cache, token, key = _prefill_jit(
-            module, variables, jnp.asarray(tokens), lengths, jax.random.key(seed), knobs, max_len
+            module,
+            variables,
+            jnp.asarray(tokens),
+            lengths,
+            jax.random.key(seed),
+            knobs,
+            max_len,
+            images,
         )
     for i in range(max_new_tokens):
         t = int(token[0])
@@ -396,7 +441,16 @@ def prompt_ids(
 ) -> list[int]:
     """Token ids of a prompt: a list of ids as is; a list of OpenAI-style messages rendered with
     the chat template and a generation prompt; a string as one user message (or, with
-    chat=False, as raw text)."""
+    chat=False, as raw text). Images in the messages need `prompt_inputs`."""
+    return prompt_inputs(prompt, tokenizer, template=template, thinking=thinking, chat=chat)[0]
+
+
+def prompt_inputs(
+    prompt, tokenizer=None, *, template="kimi_k2", thinking=True, chat=True, images=None
+) -> tuple[list[int], list]:
+    """(token ids, pictures) of a prompt (see `prompt_ids`): messages may hold image parts
+    (k2jax.data.media: local paths, file:// or data: URLs), read and preprocessed by `images`,
+    the checkpoint's ImageProcessor; pictures are in the order of their image tokens."""
     from k2jax.data.chat import encode_chat, get_template
 
     if isinstance(prompt, str):
@@ -412,10 +466,28 @@ def prompt_ids(
         if tokenizer is None:
             raise ValueError("chat messages need a tokenizer (pass tokenizer=...)")
         t = get_template(template, thinking=thinking)
-        return encode_chat(prompt, tokenizer, t, add_generation_prompt=True).tokens.tolist()
+        enc = encode_chat(
+            prompt, tokenizer, t, add_generation_prompt=True, images=_image_reader(images)
+        )
+        return enc.tokens.tolist(), list(enc.images)
     if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
         raise ValueError("prompt must be a string, a list of token ids or a list of message dicts")
-    return [int(t) for t in prompt]
+    return [int(t) for t in prompt], []
+
+
+def _image_reader(processor):
+    """chat.encode_pieces' `images` callback for a prompt: the image read (relative paths from
+    the working directory), preprocessed, and its pad count."""
+    if processor is None:
+        return None
+    from k2jax.data.examples import Picture
+    from k2jax.data.media import ImagePart, read_image, resolve
+
+    def read(part):
+        patches, grid = processor.one(read_image(ImagePart(resolve(part.source, None), part.where)))
+        return len(patches) // processor.merge_size**2, Picture(patches, tuple(grid))
+
+    return read
 
 
 def generate(
@@ -432,10 +504,14 @@ def generate(
     thinking: bool = True,
     chat: bool = True,
     mesh: jax.sharding.Mesh | None = None,
+    images=None,
 ) -> Generation:
-    """One prompt in (see `prompt_ids`), one `Generation` out. Stops at `stop_ids` (default: the
-    tokenizer's <|im_end|> and [EOS]; none without a tokenizer) or after max_new_tokens."""
-    ids = prompt_ids(prompt, tokenizer, template=template, thinking=thinking, chat=chat)
+    """One prompt in (see `prompt_inputs`; `images`: the ImageProcessor for image parts), one
+    `Generation` out. Stops at `stop_ids` (default: the tokenizer's <|im_end|> and [EOS]; none
+    without a tokenizer) or after max_new_tokens."""
+    ids, pictures = prompt_inputs(
+        prompt, tokenizer, template=template, thinking=thinking, chat=chat, images=images
+    )
     if stop_ids is None:
         stop_ids = (tokenizer.im_end_id, tokenizer.eos_id) if tokenizer is not None else ()
     [(new, reason)] = generate_tokens(
@@ -447,6 +523,7 @@ def generate(
         seed=seed,
         stop_ids=stop_ids,
         mesh=mesh,
+        pictures=[pictures],
     )
     text = tokenizer.decode(new) if tokenizer is not None else None
     return Generation(text, new, ids, reason)

@@ -21,7 +21,7 @@ from helpers import TINY_HF_CONFIG, rel_err, run_reference, write_json
 import k2jax
 from k2jax.config import ConfigError
 from k2jax.config.vision import VisionConfig
-from k2jax.conversion.safetensors_io import CheckpointError
+from k2jax.conversion.safetensors_io import CheckpointError, SafetensorsFile
 from k2jax.conversion.vision_loader import expected_names
 from k2jax.model.vision import grid_inputs, row_inputs
 from k2jax.testing import make_tiny_checkpoint
@@ -219,3 +219,75 @@ def test_images_per_row_match_transformers(reference, model):
     rows = np.asarray(model._logits_fn(model.variables(), jnp.asarray(tokens), None, None, images))
     for r, case in enumerate(("same", "two")):
         assert rel_err(rows[r, : len(ids[r])], logits[case][0]) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def tuned(reference, model):
+    """A random LoRA on text attention and on every vision linear of the reference model (B
+    non-zero, so every adapter changes the logits)."""
+    import dataclasses
+
+    import flax.linen as nn
+    import jax
+
+    from k2jax.lora import LoraConfig
+    from k2jax.model.transformer import init_variables
+
+    targets = ("q_a_proj", "kv_b_proj", "o_proj", "vision_tower.blocks.*", "mm_projector.*")
+    lora_config = LoraConfig(rank=2, alpha=4.0, targets=targets)
+    module = dataclasses.replace(model.module, lora=lora_config)
+    v = nn.unbox(jax.eval_shape(lambda: init_variables(module, jax.random.key(0))))
+    rng = np.random.default_rng(1)
+    lora = jax.tree.map(
+        lambda x: (0.3 * rng.standard_normal(x.shape)).astype(np.float32), v["lora"]
+    )
+    return dataclasses.replace(model, lora=lora, lora_config=lora_config)
+
+
+def test_vision_adapters_export_to_peft_and_merge(reference, model, tuned, tmp_path):
+    """The trained model's logits with images are what PEFT computes on transformers'
+    Kimi_K25ForConditionalGeneration with the exported adapter (wqkv unfused, rope rows
+    permuted, transformers' module names), and what the merged checkpoint computes in k2jax."""
+    from k2jax.conversion.merge import merge_lora
+    from k2jax.conversion.peft import export_peft
+
+    folder, cases, base_logits, _ = reference
+    adapter = export_peft(
+        tuned.config, tuned.lora_config, tuned.lora, None, tmp_path / "adapter", vision=tuned.vision
+    )
+    names = set(SafetensorsFile(adapter / "adapter_model.safetensors").keys())
+    assert "base_model.model.model.vision_tower.layers.1.attn.k_proj.lora_B.weight" in names
+    assert "base_model.model.model.mm_projector.out_proj.lora_A.weight" in names
+    assert "base_model.model.model.language_model.layers.2.self_attn.o_proj.lora_A.weight" in names
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert "attn.proj" in config["target_modules"] and "proj" not in config["target_modules"]
+
+    spec = write_json(tmp_path / "spec.json", {"cases": cases})
+    out = tmp_path / "peft.npz"
+    run_reference(
+        "vision_reference.py",
+        "peft",
+        "--model",
+        folder,
+        "--adapter",
+        adapter,
+        "--spec",
+        spec,
+        "--out",
+        out,
+    )
+    merged = k2jax.load_model(
+        merge_lora(folder, tuned.config, tuned.lora_config, tuned.lora, None, tmp_path / "merged"),
+        dtype="float32",
+    )
+    with np.load(out) as f:
+        for case, c in cases.items():
+            kw = {}
+            if "pixel_values" in c:
+                kw = dict(pixel_values=c["pixel_values"], image_grid_thw=c["image_grid_thw"])
+            ours = np.asarray(tuned.logits(c["input_ids"], **kw))
+            # test_export.py's tolerance for PEFT (measured here: up to 2.5e-5, the three
+            # unfused q/k/v adapters and PEFT's separate base + LoRA sums round differently)
+            assert rel_err(ours, f[f"logits.{case}"]) <= 1e-4, case
+            assert rel_err(ours, base_logits[case]) > 1e-2, case  # the adapters matter
+            assert rel_err(np.asarray(merged.logits(c["input_ids"], **kw)), ours) <= 1e-4, case

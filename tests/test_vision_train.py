@@ -123,3 +123,40 @@ def test_plan_counts_the_vision_tower(files, tmp_path):
     assert plan.image_patches == 64 and plan.vision_weights > 0
     assert plan.vision_weights < plan.bf16_weights
     assert "of which vision tower (64 patches/row)" in plan.table()
+
+
+def test_generate_and_chat_with_images(files, tmp_path):
+    """Greedy generation with an image: the KV-cached prefill takes the prompt's images, so
+    each new token is the argmax of the full forward on the prompt so far, images included;
+    `k2jax chat --image` answers the same."""
+    import k2jax
+    from k2jax.data.images import ImageProcessor
+
+    _, base, chats, _ = files
+    image = str(chats.parent / "image_0001.png")
+    model = k2jax.load_model(base, dtype="float32")
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": "Colour?"}],
+        }
+    ]
+    out = model.generate(messages, max_new_tokens=3, temperature=0.0, template="kimi_k25")
+    pixels, grid = ImageProcessor.from_dir(base)([image])
+    ids = list(out.prompt_tokens)
+    for token in out.tokens:
+        logits = np.asarray(model.logits([ids], pixel_values=pixels, image_grid_thw=grid))
+        assert int(logits[0, -1].argmax()) == token
+        ids.append(token)
+    text_only = model.generate("Colour?", max_new_tokens=3, temperature=0.0, template="kimi_k25")
+    assert len(out.prompt_tokens) > len(text_only.prompt_tokens) + 4  # the image's tokens
+
+    args = [sys.executable, "-m", "k2jax.cli", "chat", "--model", str(base), "--image", image]
+    args += ["--prompt", "Colour?", "--temperature", "0", "--max-new-tokens", "3"]
+    args += ["--dtype", "float32", "--template", "kimi_k25"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == out.text.strip()
+    bad = [str(tmp_path / "nope.png") if a == image else a for a in args]
+    missing = subprocess.run(bad, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert missing.returncode != 0 and "nope.png: no such file" in missing.stderr

@@ -199,14 +199,15 @@ class Transformer(nn.Module):
         w = self.head_weight()
         return einsum_acc("btd,vd->btv", h, w.astype(h.dtype))
 
-    def decode(self, tokens_BT, positions_BT, last_B=None):
+    def decode(self, tokens_BT, positions_BT, last_B=None, images=None):
         """Logits of tokens run through the KV cache (apply with a "cache" collection, mutable).
 
         Every token t of row b is written to cache slot positions[b, t] and attends to slots
         ≤ positions[b, t]. Returns float32 logits [B, T, V], or [B, V] at index last_B[b] of
         each row when `last_B` is given (a prefill needs only each prompt's last logits).
+        `images` (per row, as in `__call__`) go with the prefill, which holds every image token.
         """
-        h, _, _ = self._hidden(tokens_BT, positions_BT, None, decoding=True)
+        h, _, _ = self._hidden(tokens_BT, positions_BT, None, decoding=True, images=images)
         if last_B is not None:
             h = h[jnp.arange(h.shape[0]), last_B]
         w = self.head_weight()

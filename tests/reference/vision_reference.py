@@ -12,6 +12,12 @@ the names are the ones transformers reads from a released checkpoint.
 
 Then, for every case of the spec (input_ids, pixel_values [N, 3, P, P], image_grid_thw), it writes
 the float32 logits transformers computes (DIR/outputs.npz: logits.<case>; np.savez, no pickles).
+
+    python vision_reference.py peft --model DIR/model --adapter ADAPTER --spec spec.json --out F
+
+loads that folder with `from_pretrained`, puts the PEFT adapter folder on it with PEFT's own
+`PeftModel.from_pretrained` (a warning about missing or unexpected adapter keys is an error) and
+writes the cases' logits to F (logits.<case>).
 """
 
 from __future__ import annotations
@@ -103,14 +109,39 @@ def build(spec: dict, out: Path) -> None:
     print(f"built {len(arrays)} cases, {len(names)} tensors")
 
 
+def peft(model_dir: Path, adapter: Path, spec: dict, out: Path) -> None:
+    import warnings
+
+    from peft import PeftModel
+
+    model = Kimi_K25ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tuned = PeftModel.from_pretrained(model.eval(), adapter).eval()
+    for w in caught:
+        text = str(w.message).lower()
+        if any(bad in text for bad in ("missing", "unexpected", "not found", "did not match")):
+            raise SystemExit(f"PEFT loaded the adapter only partly: {w.message}")
+    arrays = {f"logits.{name}": run(tuned, case) for name, case in spec["cases"].items()}
+    np.savez(out, **arrays)
+    print(f"{len(arrays)} cases with the adapter")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
     b.add_argument("--spec", required=True)
     b.add_argument("--out", required=True)
+    p = sub.add_parser("peft")
+    for flag in ("--model", "--adapter", "--spec", "--out"):
+        p.add_argument(flag, required=True)
     args = ap.parse_args()
-    build(json.loads(Path(args.spec).read_text()), Path(args.out))
+    spec = json.loads(Path(args.spec).read_text())
+    if args.cmd == "build":
+        build(spec, Path(args.out))
+    else:
+        peft(Path(args.model), Path(args.adapter), spec, Path(args.out))
 
 
 if __name__ == "__main__":
