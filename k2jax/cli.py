@@ -63,13 +63,26 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="train steps")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--images",
+        action="store_true",
+        help="the multimodal demo: a tiny Kimi-K2.5 with its vision tower on colour images "
+        "(k2jax.demo_images; default --steps 40, --out runs/demo-images)",
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from k2jax.demo import demo
+    from k2jax.demo import DEFAULT_STEPS, demo
 
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.images:
+        import k2jax.demo_images as demo_images
+
+        steps = demo_images.DEFAULT_STEPS if args.steps == DEFAULT_STEPS else args.steps
+        out = "runs/demo-images" if args.out == "runs/demo" else args.out
+        result = demo_images.image_demo(out, steps=steps, progress=not args.no_progress)
+        return 0 if result["learned"] else 1
     result = demo(
         args.out,
         steps=args.steps,

@@ -97,3 +97,24 @@ def test_style_verdict_says_what_the_answers_show():
     learned, text = style_verdict([(good, good)])
     assert not learned and "1/1 base answers show either" in text
     assert style_verdict([])[0] is False
+
+
+def test_image_demo_end_to_end(tmp_path):
+    """`k2jax demo --images`: a tiny K2.5 with its vision tower learns to name the colour of
+    images it never saw (the only thing that tells the answers apart)."""
+    out = tmp_path / "demo-images"
+    proc = subprocess.run(
+        [sys.executable, "-m", "k2jax.cli", "demo", "--images", "--out", str(out), "--no-progress"],
+        env=_plain_cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _assert_quiet(proc.stdout + proc.stderr)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("colours learned: ") and "held-out images named right" in last
+    losses = [r["loss"] for r in read_jsonl(out / "run" / "metrics.jsonl")]
+    assert len(losses) == 40 and losses[-1] < 0.2 * losses[0]
+    evals = [r["eval_loss"] for r in read_jsonl(out / "run" / "eval.jsonl")]
+    assert evals[-1] < 0.2 * evals[0]

@@ -28,7 +28,7 @@ LAYERS = (
     ("conversion", "generate"),
     ("train", "testing"),
     ("api",),
-    ("chat", "demo", "cli"),  # the commands
+    ("chat", "demo", "demo_images", "cli"),  # the commands
 )
 # Installed as k2jax.X (pyproject.toml's package-dir) but kept at the top of the repository.
 TOP_LEVEL_PACKAGES = {"k2jax.sharding": ROOT / "sharding", "k2jax.conversion": ROOT / "conversion"}
