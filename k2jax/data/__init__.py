@@ -1,7 +1,8 @@
 """SFT data for Kimi models: tokenizer, chat templates, JSONL datasets, packing.
 
 * `tokenizer` — `KimiTokenizer`: Kimi's tiktoken BPE + 256 special ids, from a checkpoint folder.
-* `chat` — the kimi_k2 / kimi_k2_thinking / kimi_k25 templates: text, token ids and loss mask.
+* `chat` — the kimi_k2 / kimi_k2_thinking / kimi_k25 templates: text, token ids and loss mask
+  (`encoded`: pieces → ids; `media`: images in messages; `images`: pixels, as transformers).
 * `readers` — JSON lines, JSON arrays, CSV, Parquet, Arrow: records by number, no file loaded.
 * `formats` — OpenAI, ShareGPT, alpaca, TRL prompt/completion, plain text, LLaMA-Factory's
   dataset_info.json columns/tags -> one conversation (or text) shape.

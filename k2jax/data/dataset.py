@@ -52,6 +52,11 @@ as numpy arrays all shaped [rows, seq_len]:
     segment_ids  int32    1, 2, 3, ... for the examples of a row, 0 for padding
     positions    int32    0, 1, 2, ... restarting at every example
 
+and, for a model with a vision tower (`PackedBatches(images=...)`), each row's images:
+`pixel_values` [rows, data.image_patches, 3·P·P] and `image_grid_thw` [rows, image_patches / 4,
+3], in token order and zero-padded; a row also closes when the next example's images would
+exceed `data.image_patches`.
+
 Rejected alternative: first-fit over a buffer of open rows. It fills rows better, but a row then
 mixes examples from far apart in the visiting order, and the resume state would have to carry the
 open rows. Next-fit wastes on average half an example per row and is trivially resumable.

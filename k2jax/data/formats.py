@@ -27,6 +27,11 @@ observation_tag, function_tag, system_tag), with LLaMA-Factory's defaults for wh
 for `data.path`. An alpaca entry whose columns name only `prompt` is LLaMA-Factory's pre-training
 form: the prompt column is a plain text.
 
+**Images** (Kimi-K2.5): image parts in OpenAI contents, or an `images` column (auto: the
+`images` key; declared: `columns.images`) whose `<image>` placeholders in the messages' text
+stand for its paths in order — both become image parts with absolute paths (`RecordFormat.
+media_dir`; k2jax.data.media); a placeholder count that does not match is "invalid image".
+
 **Nothing is ignored silently.** A message key k2jax does not know (see `MESSAGE_KEYS`) is a note
 ("unknown key 'x' in message 2") that the stream logs with the record's file:line and counts, or,
 with `strict`, a bad record ("unknown key"). A record's columns that its form does not use are
