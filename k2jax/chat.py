@@ -53,6 +53,21 @@ class ChatSession:
         self.stop_ids = (tokenizer.im_end_id, tokenizer.eos_id)
         self.reset()
 
+    @classmethod
+    def from_loaded(cls, loaded: dict, **kwargs) -> ChatSession:
+        """A session on what `load` returned (kwargs: system, sampling, max_new_tokens, seed)."""
+        from k2jax.data.tokenizer import KimiTokenizer
+
+        return cls(
+            loaded["module"],
+            loaded["variables"],
+            KimiTokenizer.from_dir(loaded["tokenizer"]),
+            template=loaded["template"],
+            thinking=loaded["thinking"],
+            images=loaded["images"],
+            **kwargs,
+        )
+
     def reset(self) -> None:
         self.messages: list[dict] = []
         if self.system:
@@ -196,11 +211,11 @@ def chat(
     loaded as `load` does. `images`: image files shown in the first user turn."""
     from pathlib import Path
 
+    from k2jax.generate import Sampling
+
     for image in images:  # a typo is said before a terabyte loads
         if not Path(image).is_file():
             raise FileNotFoundError(f"--image {image}: no such file")
-    from k2jax.data.tokenizer import KimiTokenizer
-    from k2jax.generate import Sampling
 
     loaded = load(
         model,
@@ -213,17 +228,12 @@ def chat(
         adapter=adapter,
     )
     template = loaded["template"]
-    session = ChatSession(
-        loaded["module"],
-        loaded["variables"],
-        KimiTokenizer.from_dir(loaded["tokenizer"]),
-        template=template,
-        thinking=loaded["thinking"],
+    session = ChatSession.from_loaded(
+        loaded,
         system=system,
         sampling=sampling or Sampling(),
         max_new_tokens=max_new_tokens,
         seed=seed,
-        images=loaded["images"],
     )
     if images and loaded["images"] is None:
         raise ValueError("--image needs a model with a vision tower (a Kimi-K2.5/K2.6 folder)")

@@ -141,23 +141,16 @@ def _export(run_dir: Path, folder: Path) -> Path:
 
 def _compare(base: Path, run_dir: Path, prompts, max_new_tokens: int) -> list[tuple[str, str]]:
     from k2jax.chat import ChatSession, load
-    from k2jax.data.tokenizer import KimiTokenizer
     from k2jax.generate import Sampling
 
-    sessions = []
-    for source in (dict(model=str(base)), dict(run=str(run_dir))):
-        parts = load(**source, dtype="float32")
-        sessions.append(
-            ChatSession(
-                parts["module"],
-                parts["variables"],
-                KimiTokenizer.from_dir(parts["tokenizer"]),
-                template=parts["template"],
-                thinking=parts["thinking"],
-                sampling=Sampling(temperature=0.0),
-                max_new_tokens=max_new_tokens,
-            )
+    sessions = [
+        ChatSession.from_loaded(
+            load(**source, dtype="float32"),
+            sampling=Sampling(temperature=0.0),
+            max_new_tokens=max_new_tokens,
         )
+        for source in (dict(model=str(base)), dict(run=str(run_dir)))
+    ]
     answers = []
     for q in prompts:
         pair = []

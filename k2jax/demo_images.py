@@ -105,19 +105,12 @@ def _train(base, train, held_out, run_dir, steps, progress):
 
 def _ask(run_dir, held_out) -> list[tuple[str, str, str]]:
     from k2jax.chat import ChatSession, load
-    from k2jax.data.tokenizer import KimiTokenizer
     from k2jax.generate import Sampling
 
-    parts = load(run=str(run_dir), dtype="float32")
-    session = ChatSession(
-        parts["module"],
-        parts["variables"],
-        KimiTokenizer.from_dir(parts["tokenizer"]),
-        template=parts["template"],
-        thinking=parts["thinking"],
+    session = ChatSession.from_loaded(
+        load(run=str(run_dir), dtype="float32"),
         sampling=Sampling(temperature=0.0),
         max_new_tokens=8,
-        images=parts["images"],
     )
     answers, seen = [], set()
     for line in held_out.read_text().splitlines():

@@ -128,6 +128,16 @@ def test_other_keys_and_overrides(files):
     assert cfg.schedule.warmup_ratio == 0.0  # warmup_steps wins over the ratio, as there
     targets = _write(files, "lora_target: q_b_proj, o_proj\n", drop=("lora_target",))
     assert run_config_from_yaml(targets).lora.targets == ("q_b_proj", "o_proj")
+    # K2.5 images: the vision tower and projector frozen unless unfrozen, as there
+    assert run_config_from_yaml(_write(files, "freeze_vision_tower: true\n")).lora.targets == (
+        ALL_TARGETS
+    )
+    vision = _write(
+        files, "freeze_vision_tower: false\nfreeze_multi_modal_projector: false\nmedia_dir: pics\n"
+    )
+    cfg = run_config_from_yaml(vision)
+    assert cfg.lora.targets == (*ALL_TARGETS, "vision_tower.blocks.*", "mm_projector.*")
+    assert cfg.data.media_dir == "pics"
 
 
 def test_epochs_without_max_steps_count_the_steps(files):

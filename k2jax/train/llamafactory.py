@@ -21,6 +21,8 @@ can be saved and used instead of the YAML from then on.
     lora_rank, lora_alpha,         lora.rank, lora.alpha (absent: 2 × rank, as LLaMA-Factory),
       lora_dropout, use_rslora       lora.dropout, lora.rslora
     lora_target                    lora.targets (all → every linear; else the HF module names)
+    freeze_vision_tower / _multi_modal_projector: false → their linears in lora.targets too
+    media_dir                      data.media_dir
     adapter_name_or_path           lora.init_from (a local PEFT adapter folder, continued: its
                                    rank, alpha and modules unless lora_* keys say otherwise)
     learning_rate                  optim.learning_rate
@@ -108,6 +110,9 @@ MAPPED = (
     "lora_alpha",
     "lora_dropout",
     "lora_target",
+    "freeze_vision_tower",
+    "freeze_multi_modal_projector",
+    "media_dir",
     "use_rslora",
     "learning_rate",
     "optim",
@@ -183,9 +188,9 @@ REFUSED = {
     "pure_bf16": "the frozen base is compute.param_dtype; LoRA factors stay float32",
     "lr_scheduler_kwargs": "use the schedule section (--set schedule.final_fraction=...)",
     "max_grad_norm_kwargs": "not supported",
-    "freeze_vision_tower": "text-only",
-    "image_max_pixels": "text-only",
-    "video_max_pixels": "text-only",
+    "image_max_pixels": "images are sized by the checkpoint's preprocessor_config.json, as "
+    "transformers' Kimi-K2.5 processor does (data.max_image_pixels only refuses larger files)",
+    "video_max_pixels": "no video",
 }
 KNOWN = (*MAPPED, *IGNORED, *REFUSED)
 # The key a field came from, so that a value our dataclasses reject is reported by its YAML name.
@@ -351,6 +356,13 @@ def _lora(r: _Reader, model: str) -> dict[str, Any]:
     lora["rslora"] = r.get("use_rslora", bool, False)
     if "lora_target" in r.doc or "targets" not in lora:
         lora["targets"] = _targets(r)
+    # LLaMA-Factory freezes both by default; unfrozen, their linears get adapters too
+    for key, target in (
+        ("freeze_vision_tower", "vision_tower.blocks.*"),
+        ("freeze_multi_modal_projector", "mm_projector.*"),
+    ):
+        if not r.get(key, bool, True) and target not in lora["targets"]:
+            lora["targets"] = (*lora["targets"], target)
     return lora
 
 
@@ -466,6 +478,8 @@ def _map(r: _Reader, data_parallel: int) -> dict[str, dict[str, Any]]:
     for key in ("train_on_prompt", "mask_history"):
         if (value := r.get(key, bool)) is not None:
             data[key] = value
+    if (media := r.get("media_dir", str)) is not None:
+        data["media_dir"] = media
     if (mix := r.get("mix_strategy", str)) is not None:
         if mix not in MIX_STRATEGIES:
             raise r.error("mix_strategy", f"{mix!r}: one of {', '.join(MIX_STRATEGIES)}")

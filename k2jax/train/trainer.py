@@ -257,10 +257,11 @@ class Trainer:
 
             vcfg, why = checkpoint_vision(src.path)
         if vcfg is None and (src.vision or images):
+            data = f"the data has {images:,} images, but " if images else ""
             raise ConfigError(
-                f"model.vision: {'the data has ' + format(images, ',') + ' images, but ' if images else ''}"
-                f"the model has no vision tower ({why}); set model.vision = False to train on "
-                "text only (records with images are then skipped as bad examples)"
+                f"model.vision: {data}the model has no vision tower ({why}); set model.vision = "
+                "False to train on text only (records with images are then skipped as bad "
+                "examples)"
             )
         if vcfg is not None and not (src.vision or images):
             log.info("the vision tower is not loaded: the data has no images (model.vision)")
