@@ -436,19 +436,20 @@ def configs_from_file(path: str, overrides: list[str]):
 
 
 def _run_vision(run):
-    """The vision tower a run config would train with images: its checkpoint's, unless
-    model.vision = False (a plan cannot see whether the data has images, so it counts the tower
-    whenever the checkpoint has one)."""
+    """The vision tower a run config would train with images: the one its checkpoint's
+    config.json describes (the weights need not be there), unless model.vision = False. A plan
+    cannot see whether the data has images, so it counts the tower whenever there is one."""
     if run.model.path is None or run.model.vision is False:
         return None
-    from k2jax.conversion.vision_loader import checkpoint_vision
+    from k2jax.config import ConfigError, read_hf_config
+    from k2jax.config.vision import VisionConfig
 
-    vision, why = checkpoint_vision(run.model.path)
-    if vision is None and run.model.vision:
-        from k2jax.config import ConfigError
-
-        raise ConfigError(f"model.vision = True, but {run.model.path} has no vision tower: {why}")
-    return vision
+    config_json = read_hf_config(run.model.path)
+    if config_json.get("model_type") != "kimi_k25" or "vision_config" not in config_json:
+        if run.model.vision:
+            raise ConfigError(f"model.vision = True, but {run.model.path} has no vision_config")
+        return None
+    return VisionConfig.from_hf_dict(config_json, source=f"{run.model.path}/config.json")
 
 
 def plan_config(
