@@ -44,7 +44,8 @@ class K2Model:
 
     @property
     def module(self) -> Transformer:
-        lora = self.lora_config if self.lora else None
+        # inference: the exact backward (lora.backward = "ce" changes only training's)
+        lora = self.lora_config.exact if self.lora else None
         return Transformer(self.config, self.compute, lora, vision=self.vision)
 
     def variables(self) -> dict:
@@ -57,7 +58,7 @@ class K2Model:
 
     @property
     def _logits_fn(self):
-        lora = self.lora_config if self.lora else None
+        lora = self.lora_config.exact if self.lora else None
         return _logits_program(self.config, self.compute, lora, self.vision)
 
     def logits(
@@ -209,7 +210,7 @@ def load_finetune(
         from k2jax.model.transformer import init_variables
         from k2jax.sharding import param_shardings
 
-        module = Transformer(base.config, base.compute, run.lora_config, vision=base.vision)
+        module = Transformer(base.config, base.compute, run.lora_config.exact, vision=base.vision)
         boxed = jax.eval_shape(
             lambda: init_variables(module, jax.random.key(0), lora_rng=jax.random.key(1))
         )

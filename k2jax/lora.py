@@ -83,6 +83,13 @@ class LoraConfig:
     rslora: bool = False  # scale alpha/√r instead of alpha/r (Kalajdzievski 2023)
     targets: tuple[str, ...] = ALL_TARGETS
     init_from: str | None = None
+    # The activation gradient through frozen weights: "exact", or "ce" — approximated by a
+    # rank-`ce_rank` part of W plus its `ce_keep` fraction of rows that matter most for the
+    # step's gradient (k2jax/ops/ce_backward.py). Dense linears only (attention, dense MLP,
+    # shared experts, the vision tower); routed experts stay exact. The forward is unchanged.
+    backward: str = "exact"
+    ce_rank: int = 64
+    ce_keep: float = 0.125
 
     def __post_init__(self):
         check_field_types(self, "lora")
@@ -94,6 +101,12 @@ class LoraConfig:
             raise ConfigError("lora.targets is empty: name at least one module")
         if self.init_from is not None and not self.init_from:
             raise ConfigError("lora.init_from: name a PEFT adapter folder, or None")
+        if self.backward not in ("exact", "ce"):
+            raise ConfigError(f"lora.backward must be 'exact' or 'ce', got {self.backward!r}")
+        if self.ce_rank < 1:
+            raise ConfigError(f"lora.ce_rank must be >= 1, got {self.ce_rank}")
+        if not 0.0 <= self.ce_keep <= 1.0:
+            raise ConfigError(f"lora.ce_keep must be in [0, 1], got {self.ce_keep}")
         for t in self.targets:
             if not any(_matches(t, p) for p in LINEAR_PATHS + VISION_PATHS):
                 raise ConfigError(
@@ -105,6 +118,12 @@ class LoraConfig:
     def trains_vision(self) -> bool:
         """Whether any target is a vision-tower or projector linear."""
         return any(self.applies_to(p) for p in VISION_PATHS)
+
+    @property
+    def exact(self) -> LoraConfig:
+        """This config with the exact backward (what inference and export use: the adapters are
+        the same, only training's backward differs)."""
+        return dataclasses.replace(self, backward="exact")
 
     @property
     def scale(self) -> float:

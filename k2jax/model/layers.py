@@ -16,6 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from k2jax.lora import LoraConfig
 from k2jax.model.options import ComputeConfig, accum_dtype
+from k2jax.ops.ce_backward import ce_matmul, kept_rows
 
 BASE_INIT = nn.initializers.normal(0.02)
 
@@ -97,7 +98,10 @@ class Linear(nn.Module):
             self.compute.jnp_param_dtype,
         )
         x = x.astype(dtype)
-        y = jnp.einsum("...i,oi->...o", x, w.astype(dtype))
+        if self.lora is not None and self.lora.backward == "ce":
+            y = self._ce_matmul(x, w)
+        else:
+            y = jnp.einsum("...i,oi->...o", x, w.astype(dtype))
         if self.bias:
             bias = self.param(
                 "bias",
@@ -124,6 +128,20 @@ class Linear(nn.Module):
         # Named for remat "selective": the output of a frozen-weight matmul, saved so the backward
         # pass does not multiply by the frozen weight a third time (k2jax.model.options).
         return checkpoint_name(y, "proj_out")
+
+    def _ce_matmul(self, x, w):
+        """x·Wᵀ with lora.backward = "ce": W's rank-k factors and residual row norms are frozen
+        params beside it (`ce_us`, `ce_vt`, `ce_rnorm`, float32), filled from the loaded W by
+        k2jax.train.step (k2jax/ops/ce_backward.py)."""
+        out, inp = w.shape
+        k = min(self.lora.ce_rank, out, inp)
+        out_axis, in_axis = self.axes
+        zeros = nn.initializers.zeros
+        part = nn.with_logical_partitioning
+        us = self.param("ce_us", part(zeros, (out_axis, None)), (out, k), jnp.float32)
+        vt = self.param("ce_vt", part(zeros, (None, in_axis)), (k, inp), jnp.float32)
+        rnorm = self.param("ce_rnorm", part(zeros, (out_axis,)), (out,), jnp.float32)
+        return ce_matmul(x, w, us, vt, rnorm, kept_rows(out, self.lora.ce_keep))
 
 
 class Embed(nn.Module):

@@ -65,6 +65,7 @@ from k2jax.lora import LoraConfig
 from k2jax.model import ComputeConfig, Transformer
 from k2jax.model.context_parallel import resolve as resolve_context
 from k2jax.model.transformer import init_variables
+from k2jax.ops.ce_backward import factors as ce_factors
 from k2jax.optim import (
     OptimConfig,
     ScheduleConfig,
@@ -219,7 +220,7 @@ class Program:
         self._init_base = jax.jit(
             self._init_base_fn,
             static_argnums=0,
-            out_shardings=(self.frozen_shardings, trainable_sh["params"]),
+            out_shardings=(_without_ce(self.frozen_shardings), trainable_sh["params"]),
         )
         self._train_step = jax.jit(
             self._train_step_fn,
@@ -234,6 +235,7 @@ class Program:
         )
         self.weight_flops_per_token = _weight_flops_per_token(spec, abstract, self.predicate)
         self._compiled: dict = {}  # batch shape -> compiled train step
+        self._fill_ce = None  # the jitted lora.backward = "ce" factor computation
 
     # Initialisation -----------------------------------------------------------------------------
     def _init_base_fn(self, seed: int):
@@ -244,17 +246,45 @@ class Program:
 
     def init_base(self, seed: int):
         """A random base (frozen, trainable params subset) placed on the mesh."""
-        return self._init_base(seed)
+        frozen, tparams = self._init_base(seed)
+        return self._with_ce(frozen), tparams
 
     def split_base(self, params):
         """A loaded full parameter tree → (frozen, fp32 trainable subset), on the mesh."""
         frozen, tparams = split_params(params, self.predicate)
         tparams = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tparams)
         trainable_sh = self.state_shardings["trainable"]["params"]
+        if self.spec.lora.backward == "ce":
+            return self._with_ce(frozen), jax.device_put(tparams, trainable_sh)
         return (
             jax.device_put(frozen, self.frozen_shardings),
             jax.device_put(tparams, trainable_sh),
         )
+
+    def _with_ce(self, frozen):
+        """The frozen base with lora.backward = "ce"'s factors of every frozen linear weight
+        (`ce_us`, `ce_vt`, `ce_rnorm`: k2jax/ops/ce_backward.py), computed once from it; the
+        base as it is otherwise."""
+        if self.spec.lora.backward != "ce":
+            return frozen
+        if self._fill_ce is None:
+            rank = self.spec.lora.ce_rank
+
+            def fill(tree):
+                def walk(node, abstract):
+                    if not isinstance(abstract, dict):
+                        return node
+                    out = {k: walk(node[k], v) for k, v in abstract.items() if k in node}
+                    if "ce_us" in abstract:
+                        us, vt, rnorm = ce_factors(node["weight"], rank)
+                        out.update(ce_us=us, ce_vt=vt, ce_rnorm=rnorm)
+                    return out
+
+                return walk(tree, self.frozen_abstract)
+
+            self._fill_ce = jax.jit(fill, out_shardings=self.frozen_shardings)
+        with use_mesh(self.mesh):
+            return self._fill_ce(frozen)
 
     def _init_state_fn(self, key, trainable_params):
         lora_key, rng = jax.random.split(key)
@@ -474,6 +504,13 @@ class Program:
         c = self.spec.model
         attn = 3 * 2 * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)
         return tokens * self.weight_flops_per_token + pairs * c.num_hidden_layers * attn
+
+
+def _without_ce(tree):
+    """A params-shaped tree without lora.backward = "ce"'s factor leaves (what a base holds)."""
+    if not isinstance(tree, dict):
+        return tree
+    return {k: _without_ce(v) for k, v in tree.items() if not k.startswith("ce_")}
 
 
 def abstract_thresholds(abstract) -> dict:
