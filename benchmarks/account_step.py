@@ -207,6 +207,7 @@ def make_setup(
     seq: int | None = None,
     moe_chunk_tokens: int | None = None,
     rows: int | None = None,
+    lora: dict | None = None,
 ) -> Setup:
     """The program of a setup (see the module docstring), with the counting kernels' impls.
     `rows` (default: one per device) fewer than the data × expert shards split each row along
@@ -231,6 +232,8 @@ def make_setup(
     mode = resolve_context("auto", rows // spec.grad_accum, mesh_sizes or {})
     changes["context_parallel"] = mode
     spec = dataclasses.replace(spec, compute=dataclasses.replace(spec.compute, **changes))
+    if lora:  # e.g. {"backward": "ce", "ce_rank": 64, "ce_keep": 0.125} (k2jax/ops/ce_backward.py)
+        spec = dataclasses.replace(spec, lora=dataclasses.replace(spec.lora, **lora))
     if mesh_sizes is None:
         mesh = make_mesh(devices=jax.devices()[:1])
     else:
@@ -1218,10 +1221,18 @@ def main(argv=None) -> int:
     ap.add_argument("--moe-chunk-tokens", type=int, default=None)
     ap.add_argument("--rows", type=int, default=None, help="rows per step (default: one/device)")
     ap.add_argument("--no-policies", action="store_true", help="skip the remat-policy sweep")
+    ap.add_argument(
+        "--lora-backward", choices=("exact", "ce"), default="exact", help="lora.backward"
+    )
+    ap.add_argument("--ce-rank", type=int, default=64, help="lora.ce_rank (with ce)")
+    ap.add_argument("--ce-keep", type=float, default=0.125, help="lora.ce_keep (with ce)")
     ap.add_argument("--json", type=Path, default=None, help="write the record here")
     args = ap.parse_args(argv)
     kw = dict(seq=args.seq, moe_chunk_tokens=args.moe_chunk_tokens)
-    setup = make_setup(args.setup, remat=args.remat, rows=args.rows, **kw)
+    lora = None
+    if args.lora_backward == "ce":
+        lora = {"backward": "ce", "ce_rank": args.ce_rank, "ce_keep": args.ce_keep}
+    setup = make_setup(args.setup, remat=args.remat, rows=args.rows, lora=lora, **kw)
     rec = account(setup)
     rec["command"] = " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])
     if not args.no_policies:

@@ -158,3 +158,15 @@ def test_a_ce_run_trains(batch):
         state, m = program.train_step(state, frozen, b)
         losses.append(float(jax.device_get(m["loss"])))
     assert all(np.diff(losses) < 0) and losses[-1] < losses[0] - 0.5, losses
+
+
+def test_plan_counts_the_factors():
+    from k2jax.train.planner import plan
+
+    cfg = load_model_config(CONFIG_DIR / "tiny.gin")
+    mesh = {"data": 1, "expert": 1, "tensor": 1}
+    exact = plan(cfg, mesh_sizes=mesh, seq=64, lora=LoraConfig(rank=4))
+    ce = plan(cfg, mesh_sizes=mesh, seq=64, lora=LoraConfig(rank=4, backward="ce", ce_rank=8))
+    assert exact.ce_factors == 0 < ce.ce_factors
+    assert ce.bf16_weights == exact.bf16_weights + ce.ce_factors
+    assert "of which CE-LoRA factors (fp32)" in ce.table()

@@ -78,6 +78,8 @@ class PlanResult:
     # K2.5's vision tower and projector (part of bf16_weights) and the image patches per row
     vision_weights: int = 0
     image_patches: int = 0
+    # lora.backward = "ce"'s frozen factors (part of bf16_weights; k2jax/ops/ce_backward.py)
+    ce_factors: int = 0
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -100,6 +102,7 @@ class PlanResult:
                 if self.image_patches
                 else []
             ),
+            *([("  of which CE-LoRA factors (fp32)", self.ce_factors)] if self.ce_factors else []),
             ("LoRA (+ trainable base), fp32", self.lora),
             ("optimizer state", self.optimizer),
             ("other state + batch", self.other_state),
@@ -242,7 +245,7 @@ def plan(
     ma = compiled.memory_analysis()
 
     is_int4 = lambda path: path[-1] in ("weight_q", "weight_scale")  # noqa: E731
-    int4 = bf16 = vision_b = 0
+    int4 = bf16 = vision_b = ce_b = 0
     for (path, x), s in zip(
         jax.tree_util.tree_flatten_with_path(program.frozen_abstract)[0],
         jax.tree.leaves(program.frozen_shardings),
@@ -254,6 +257,7 @@ def plan(
         else:
             bf16 += b
             vision_b += b if keys[0] in ("vision_tower", "mm_projector") else 0
+            ce_b += b if keys[-1].startswith("ce_") else 0
     sh = program.state_shardings
     lora_b = _tree_bytes(program.state_abstract["trainable"], sh["trainable"])
     opt_b = _tree_bytes(program.state_abstract["opt_state"], sh["opt_state"])
@@ -308,6 +312,7 @@ def plan(
         ),
         vision_weights=vision_b,
         image_patches=patches,
+        ce_factors=ce_b,
     )
 
 

@@ -537,6 +537,8 @@ def _weight_flops_per_token(spec: StepSpec, abstract, predicate) -> float:
             stacked = keys[0] in ("dense_layers", "moe_layers")
             if "embed_tokens" in keys or keys[-1] == "weight_scale":
                 continue
+            if keys[-1].startswith("ce_"):  # lora.backward = "ce"'s factors: not model weights
+                continue
             if leaf.ndim - int(stacked) < 2:  # norms, biases: elementwise, not matmuls
                 continue
             n = math.prod(leaf.shape)
