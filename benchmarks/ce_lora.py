@@ -56,14 +56,14 @@ def _grads(program, batch):
     state = program.init_state(0, tparams)
     mb = jax.tree.map(lambda x: x[0], program.device_batch(batch))
 
-    def loss(tr):
-        sums, _ = program._apply_loss(tr, state["qk_clip"], frozen, mb, None)
+    def loss(tr, frozen, qk, mb):
+        sums, _ = program._apply_loss(tr, qk, frozen, mb, None)
         return sums["loss_sum"] / sums["count"]
 
     trainable = jax.tree_util.tree_map_with_path(
         lambda p, x: x + 0.05 if p[-1].key == "lora_B" else x, state["trainable"]
     )
-    grads = jax.jit(jax.grad(loss))(trainable)["lora"]
+    grads = jax.jit(jax.grad(loss))(trainable, frozen, state["qk_clip"], mb)["lora"]
     return {
         "/".join(str(k.key) for k in p): np.asarray(v, np.float64)
         for p, v in jax.tree_util.tree_flatten_with_path(grads)[0]
