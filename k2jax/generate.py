@@ -247,20 +247,14 @@ def _row_images(module: Transformer, pictures, rows: int):
         return None
     if module.vision is None:
         raise ValueError("the prompt has images, but this model has no vision tower")
+    from k2jax.data.examples import image_arrays, num_patches
     from k2jax.model.vision import row_inputs
 
     pictures = list(pictures) + [pictures[-1]] * (rows - len(pictures))
     v = module.vision
-    n = max(v.merge_size, *(sum(p.num_patches for p in row) for row in pictures))
-    count = max(1, *(len(row) for row in pictures))
-    pixels = np.zeros((rows, n, v.patch_features), np.float32)
-    grids = np.zeros((rows, count, 3), np.int64)
-    for r, row in enumerate(pictures):
-        o = 0
-        for k, p in enumerate(row):
-            pixels[r, o : o + p.num_patches] = p.patches.reshape(p.num_patches, -1)
-            grids[r, k] = p.grid
-            o += p.num_patches
+    n = max(v.merge_size, *(num_patches(row) for row in pictures))
+    arrays = image_arrays(pictures, n, rows, features=v.patch_features, merge=v.merge_size)
+    pixels, grids = arrays["pixel_values"], arrays["image_grid_thw"]
     return jax.tree.map(jnp.asarray, row_inputs(pixels, grids, v))
 
 

@@ -794,21 +794,14 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
             "positions": positions,
         }
         if self._images is not None:
-            out.update(self._image_arrays(rows))
+            pictures = [[p for ex in row for p in ex.images] for row in rows]
+            P, merge = self._images.patch_size, self._images.merge_size**2
+            out.update(
+                _examples.image_arrays(
+                    pictures, self._patch_cap, shape[0], features=3 * P * P, merge=merge
+                )
+            )
         return out
-
-    def _image_arrays(self, rows: list[list[EncodedChat]]) -> dict[str, np.ndarray]:
-        P, cap = self._images.patch_size, self._patch_cap
-        pixels = np.zeros((self._rows_per_host, cap, 3 * P * P), np.float32)
-        grids = np.zeros((self._rows_per_host, cap // self._images.merge_size**2, 3), np.int32)
-        for r, row in enumerate(rows):
-            pictures = [p for ex in row for p in ex.images]
-            o = 0
-            for k, p in enumerate(pictures):
-                pixels[r, o : o + p.num_patches] = p.patches.reshape(p.num_patches, -1)
-                grids[r, k] = p.grid
-                o += p.num_patches
-        return {"pixel_values": pixels, "image_grid_thw": grids}
 
     def close(self) -> None:
         for s in self._sources:
@@ -816,7 +809,7 @@ class PackedBatches(Iterator[dict[str, np.ndarray]]):
 
 
 def _patches(chat: EncodedChat) -> int:
-    return sum(p.num_patches for p in chat.images)
+    return _examples.num_patches(chat.images)
 
 
 def packed_batches(

@@ -89,6 +89,27 @@ class Picture:
         return len(self.patches)
 
 
+def num_patches(pictures) -> int:
+    return sum(p.num_patches for p in pictures)
+
+
+def image_arrays(
+    rows: list[list[Picture]], patches: int, n_rows: int, *, features: int, merge: int
+) -> dict[str, np.ndarray]:
+    """A batch's `pixel_values` float32 [n_rows, patches, features] and `image_grid_thw` int32
+    [n_rows, patches // merge, 3] from each row's pictures (in token order; zero-padded); merge:
+    patches per merged token (4)."""
+    pixels = np.zeros((n_rows, patches, features), np.float32)
+    grids = np.zeros((n_rows, max(1, patches // merge), 3), np.int32)
+    for r, row in enumerate(rows):
+        o = 0
+        for k, p in enumerate(row):
+            pixels[r, o : o + p.num_patches] = p.patches.reshape(p.num_patches, -1)
+            grids[r, k] = p.grid
+            o += p.num_patches
+    return {"pixel_values": pixels, "image_grid_thw": grids}
+
+
 def image_parts(conv: Conversation) -> list[ImagePart]:
     out = []
     for i, m in enumerate(conv.messages):

@@ -7,6 +7,7 @@
     count_steps(data_config, tok)      train.steps = None: the optimizer steps of data.num_epochs
                                        epochs, counted by packing the data as training will
     read_init_adapter(cfg, model_cfg)  lora.init_from: the PEFT adapter, checked against the run
+    vision_for(model_source, images)   the K2.5 vision tower to train with (model.vision), if any
     place_adapter(lora, adapter, ...)  its factors put over a fresh LoRA tree, on the mesh
 
 Counting steps. transformers sizes a run in epochs by len(dataloader) × epochs; here a step is
@@ -166,3 +167,29 @@ def place_adapter(lora: dict, adapter, shardings: dict) -> dict:
                 lambda index, p=path, f=factor, s=shape: adapter.block(p, f, s, index),
             )
     return out
+
+
+def vision_for(src, images: int):
+    """The VisionConfig of the tower to train with, or None (`ModelSource.vision`): None loads
+    it when the checkpoint has a complete one and the data has `images` (the data check's
+    count); True requires it; False never. A tower the data needs but the model lacks is an
+    error that says how to train on text only."""
+    if src.vision is False:
+        return None
+    if src.path is None:
+        vcfg, why = None, "a random base (model.preset) is a text model"
+    else:
+        from k2jax.conversion.vision_loader import checkpoint_vision
+
+        vcfg, why = checkpoint_vision(src.path)
+    if vcfg is None and (src.vision or images):
+        data = f"the data has {images:,} images, but " if images else ""
+        raise ConfigError(
+            f"model.vision: {data}the model has no vision tower ({why}); set model.vision = "
+            "False to train on text only (records with images are then skipped as bad "
+            "examples)"
+        )
+    if vcfg is not None and not (src.vision or images):
+        log.info("the vision tower is not loaded: the data has no images (model.vision)")
+        return None
+    return vcfg

@@ -70,6 +70,7 @@ from k2jax.train.start import (
     read_init_adapter,
     resume_step,
     set_aside_later,
+    vision_for,
 )
 from k2jax.train.step import StepSpec, build_program, peak_flops, peak_source
 
@@ -132,7 +133,7 @@ class Trainer:
 
             import_wandb()  # installed? said now, not after the compile
         self.tokenizer = self._tokenizer()
-        self.vision = self._vision(self._check_data())
+        self.vision = vision_for(cfg.model, self._check_data())
         self.checkpointer = Checkpointer(
             checkpoint_dir(cfg), keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
         )
@@ -244,29 +245,6 @@ class Trainer:
                 progress=self.config.log.progress and self.is_main,
             ).images
         return images
-
-    def _vision(self, images: int):
-        """The VisionConfig of the tower to train with, or None (see ModelSource.vision)."""
-        src = self.config.model
-        if src.vision is False:
-            return None
-        if src.path is None:
-            vcfg, why = None, "a random base (model.preset) is a text model"
-        else:
-            from k2jax.conversion.vision_loader import checkpoint_vision
-
-            vcfg, why = checkpoint_vision(src.path)
-        if vcfg is None and (src.vision or images):
-            data = f"the data has {images:,} images, but " if images else ""
-            raise ConfigError(
-                f"model.vision: {data}the model has no vision tower ({why}); set model.vision = "
-                "False to train on text only (records with images are then skipped as bad "
-                "examples)"
-            )
-        if vcfg is not None and not (src.vision or images):
-            log.info("the vision tower is not loaded: the data has no images (model.vision)")
-            return None
-        return vcfg
 
     def _make_mesh(self):
         from k2jax.sharding import make_mesh
