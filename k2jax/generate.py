@@ -475,11 +475,11 @@ def _image_reader(processor):
     if processor is None:
         return None
     from k2jax.data.examples import Picture
-    from k2jax.data.media import ImagePart, read_image, resolve
+    from k2jax.data.media import ImagePart, resolve
 
     def read(part):
-        patches, grid = processor.one(read_image(ImagePart(resolve(part.source, None), part.where)))
-        return len(patches) // processor.merge_size**2, Picture(patches, tuple(grid))
+        picture = Picture.read(ImagePart(resolve(part.source, None), part.where), processor)
+        return picture.pads(processor), picture
 
     return read
 

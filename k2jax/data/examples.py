@@ -88,6 +88,18 @@ class Picture:
     def num_patches(self) -> int:
         return len(self.patches)
 
+    @classmethod
+    def read(
+        cls, part: ImagePart, processor: ImageProcessor, *, max_pixels: int = MAX_PIXELS
+    ) -> Picture:
+        """The image of `part` read and preprocessed by `processor` (ImageError naming it)."""
+        patches, grid = processor.one(read_image(part, max_pixels=max_pixels))
+        return cls(patches, tuple(grid))
+
+    def pads(self, processor: ImageProcessor) -> int:
+        """Its `<|media_pad|>` tokens: one per merged patch group."""
+        return self.num_patches // processor.merge_size**2
+
 
 def num_patches(pictures) -> int:
     return sum(p.num_patches for p in pictures)
@@ -150,11 +162,10 @@ def _image_reader(where: str, s: ExampleSettings):
     def read(part: ImagePart) -> tuple[int, Picture]:
         if part.source not in seen:
             try:
-                patches, grid = s.images.one(read_image(part, max_pixels=s.max_image_pixels))
+                picture = Picture.read(part, s.images, max_pixels=s.max_image_pixels)
             except ImageError as e:
                 raise DataError(where, "invalid image", f"{part.where}: {e}") from None
-            picture = Picture(patches, tuple(grid))
-            seen[part.source] = (picture.num_patches // s.images.merge_size**2, picture)
+            seen[part.source] = (picture.pads(s.images), picture)
         return seen[part.source]
 
     return read

@@ -40,6 +40,7 @@ __all__ = [
     "MAX_PIXELS",
     "ImageError",
     "ImageProcessor",
+    "check_pixels",
     "decode_image",
     "image_size",
     "load_image",
@@ -216,20 +217,11 @@ def decode_image(data: np.ndarray, name: str, *, max_pixels: int = MAX_PIXELS) -
             f"{name}: reading images needs OpenCV: pip install 'k2jax[images]'"
         ) from None
     raw = data.tobytes()
-    size = image_size(raw)
-    if size is not None and size[0] * size[1] > max_pixels:
-        raise ImageError(
-            f"{name}: {size[0]}×{size[1]} pixels is more than the {max_pixels:,} allowed "
-            "(an oversized image; shrink it first)"
-        )
+    check_pixels(name, image_size(raw), max_pixels)
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if img is None:
         raise ImageError(f"{name}: not an image OpenCV can decode (PNG, JPEG, WebP, BMP, ...)")
-    if img.shape[0] * img.shape[1] > max_pixels:
-        raise ImageError(
-            f"{name}: {img.shape[1]}×{img.shape[0]} pixels is more than the {max_pixels:,} "
-            "allowed (an oversized image; shrink it first)"
-        )
+    check_pixels(name, (img.shape[1], img.shape[0]), max_pixels)
     if img.dtype != np.uint8:
         raise ImageError(f"{name}: {img.dtype} pixels; only 8-bit images are supported")
     if img.ndim == 3 and img.shape[2] not in (2, 3, 4):
@@ -242,6 +234,16 @@ def decode_image(data: np.ndarray, name: str, *, max_pixels: int = MAX_PIXELS) -
     if key is not None:  # module docstring, step 1
         rgb[(rgb == np.asarray(key, np.uint8)).all(-1)] = 255
     return rgb
+
+
+def check_pixels(name: str, size: tuple[int, int] | None, max_pixels: int) -> None:
+    """ImageError when an image of (width, height) `size` has more than `max_pixels` pixels
+    (None: the size is not known, nothing to check)."""
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ImageError(
+            f"{name}: {size[0]}×{size[1]} pixels is more than the {max_pixels:,} allowed "
+            "(an oversized image; shrink it first)"
+        )
 
 
 def image_size(raw: bytes) -> tuple[int, int] | None:

@@ -42,7 +42,14 @@ from typing import Any
 
 import numpy as np
 
-from k2jax.data.images import MAX_PIXELS, ImageError, decode_image, image_size, load_image
+from k2jax.data.images import (
+    MAX_PIXELS,
+    ImageError,
+    check_pixels,
+    decode_image,
+    image_size,
+    load_image,
+)
 
 __all__ = [
     "IMAGE_PLACEHOLDER",
@@ -193,9 +200,4 @@ def check_image(part: ImagePart, *, max_pixels: int = MAX_PIXELS) -> None:
             raise ImageError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not raw:
         raise ImageError(f"{part.describe()}: an empty file")
-    size = image_size(raw)
-    if size is not None and size[0] * size[1] > max_pixels:
-        raise ImageError(
-            f"{part.describe()}: {size[0]}×{size[1]} pixels is more than the {max_pixels:,} "
-            "allowed (an oversized image; shrink it first)"
-        )
+    check_pixels(part.describe(), image_size(raw), max_pixels)
