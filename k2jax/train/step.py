@@ -247,26 +247,21 @@ class Program:
     def init_base(self, seed: int):
         """A random base (frozen, trainable params subset) placed on the mesh."""
         frozen, tparams = self._init_base(seed)
-        return self._with_ce(frozen), tparams
+        return self._place_frozen(frozen), tparams
 
     def split_base(self, params):
         """A loaded full parameter tree → (frozen, fp32 trainable subset), on the mesh."""
         frozen, tparams = split_params(params, self.predicate)
         tparams = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tparams)
         trainable_sh = self.state_shardings["trainable"]["params"]
-        if self.spec.lora.backward == "ce":
-            return self._with_ce(frozen), jax.device_put(tparams, trainable_sh)
-        return (
-            jax.device_put(frozen, self.frozen_shardings),
-            jax.device_put(tparams, trainable_sh),
-        )
+        return self._place_frozen(frozen), jax.device_put(tparams, trainable_sh)
 
-    def _with_ce(self, frozen):
-        """The frozen base with lora.backward = "ce"'s factors of every frozen linear weight
-        (`ce_us`, `ce_vt`, `ce_rnorm`: k2jax/ops/ce_backward.py), computed once from it; the
-        base as it is otherwise."""
+    def _place_frozen(self, frozen):
+        """The frozen base on its shardings; with lora.backward = "ce" also the factors of
+        every frozen linear weight (`ce_us`, `ce_vt`, `ce_rnorm`: k2jax/ops/ce_backward.py),
+        computed once from it."""
         if self.spec.lora.backward != "ce":
-            return frozen
+            return jax.device_put(frozen, self.frozen_shardings)
         if self._fill_ce is None:
             rank = self.spec.lora.ce_rank
 
