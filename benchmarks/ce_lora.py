@@ -12,7 +12,10 @@ zero (at B = 0 the gradient of A vanishes), on one batch:
   * `k2layer` — one dense layer at Kimi-K2 widths (hidden 7168, MLA q_lora 1536 / kv_lora 512,
     64 heads, MLP 18432; vocabulary cut to 1,024 to fit), float32, 256 random tokens. Its
     weights are random (N(0, 1/fan_in)): a flat singular spectrum, the worst case for a low-rank
-    part; trained weights decay faster, so this bounds fidelity from below.
+    part; trained weights decay faster, so this bounds fidelity from below;
+  * `k2moe` — one MoE layer at Kimi-K2 widths (hidden 7168, expert FFN 2048, one shared expert,
+    the same MLA) with the routed experts cut to 16 (top-8 of them) to fit, INT4 experts, random
+    weights, 256 random tokens: the routed experts' per-expert factors.
 
 quality. The tiny random base trained with configs/tiny_train.gin (MuonClip, LoRA r=8 on every
 linear) for `--steps` steps, exact vs CE at each knob setting, on (a) the demo chats and (b)
@@ -101,6 +104,13 @@ def _k2_layer():
     return dataclasses.replace(cfg, num_hidden_layers=1, first_k_dense_replace=1, vocab_size=1024)
 
 
+def _k2_moe_layer():
+    cfg = load_model_config(CONFIG_DIR / "kimi_k2_thinking.gin")
+    return dataclasses.replace(
+        cfg, num_hidden_layers=1, first_k_dense_replace=0, vocab_size=1024, n_routed_experts=16
+    )
+
+
 def _random_batch(vocab: int, seq: int):
     ids = np.random.default_rng(0).integers(0, vocab, (1, seq + 1), dtype=np.int32)
     return {
@@ -122,6 +132,13 @@ def fidelity(args) -> dict:
             _random_batch(1024, 256),
             K2_KNOBS,
             ("data.seq_len=256", "data.batch_size=1", "lora.rank=16"),
+        ),
+        (
+            "k2moe",
+            _k2_moe_layer(),
+            _random_batch(1024, 256),
+            K2_KNOBS,
+            ("data.seq_len=256", "data.batch_size=1", "lora.rank=16", 'compute.experts="int4"'),
         ),
     ):
         if args.only and name != args.only:
@@ -222,7 +239,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fidelity")
     f.add_argument("--json", type=Path, required=True)
-    f.add_argument("--only", choices=("tiny", "k2layer"))
+    f.add_argument("--only", choices=("tiny", "k2layer", "k2moe"))
     q = sub.add_parser("quality")
     q.add_argument("--out", type=Path, required=True)
     q.add_argument("--steps", type=int, default=200)

@@ -85,8 +85,9 @@ class LoraConfig:
     init_from: str | None = None
     # The activation gradient through frozen weights: "exact", or "ce" — approximated by a
     # rank-`ce_rank` part of W plus its `ce_keep` fraction of rows that matter most for the
-    # step's gradient (k2jax/ops/ce_backward.py). Dense linears only (attention, dense MLP,
-    # shared experts, the vision tower); routed experts stay exact. The forward is unchanged.
+    # step's gradient (k2jax/ops/ce_backward.py): every frozen linear (attention, MLPs, shared
+    # and routed experts — per expert —, the vision tower) but the LM head. The forward is
+    # unchanged.
     backward: str = "exact"
     ce_rank: int = 64
     ce_keep: float = 0.125

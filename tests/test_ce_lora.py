@@ -1,8 +1,10 @@
 """CE-LoRA (`lora.backward = "ce"`, k2jax/ops/ce_backward.py): the activation gradient through
-frozen dense weights approximated by a rank-k part of W plus its most important rows.
+frozen weights approximated by a rank-k part of W plus its most important rows.
 
-Checked against the exact backward: the op keeps the forward bit for bit, is exact with every
-row kept and (to rounding) at full rank, and is a real approximation in between; on the tiny
+Checked against the exact backward: the dense op and the grouped (routed-expert) op — XLA and
+Pallas, dense and INT4 — keep the forward bit for bit, are exact with every row kept and (to
+rounding) at full rank, leave the LoRA gradients of the op itself exact, and are a real
+approximation in between; the randomized factors are near the optimal truncated SVD; on the tiny
 model the loss is unchanged, the LoRA gradients equal the exact ones at keep-all and full rank,
 the last layer's gradients are exact at any setting (its dY is), and a run trains.
 """
@@ -21,11 +23,14 @@ from k2jax.config import CONFIG_DIR, ConfigError, load_model_config
 from k2jax.data import DEMO_CHATS, DataConfig, KimiTokenizer, PackedBatches
 from k2jax.data.testing import write_tiny_tokenizer
 from k2jax.lora import LoraConfig
-from k2jax.ops.ce_backward import ce_matmul, factors, kept_rows
+from k2jax.ops.ce_backward import GroupedFactors, ce_matmul, factors, grouped_factors, kept_rows
+from k2jax.ops.grouped_matmul import GroupedLora, grouped_matmul
+from k2jax.quant import quantize_int4
 from k2jax.sharding import make_mesh
 from k2jax.train import RunConfig, StepSpec, build_program
 
 TINY_TRAIN = CONFIG_DIR / "tiny_train.gin"
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 CE = ('lora.backward="ce"', "lora.ce_rank=4", "lora.ce_keep=0.1")
 
 
@@ -62,6 +67,59 @@ def test_factors_are_the_truncated_svd():
     # Eckart–Young: the residual's Frobenius norm is that of the dropped singular values
     assert np.allclose(np.linalg.norm(residual, axis=(1, 2)), np.sqrt((s[:, 4:] ** 2).sum(1)), 1e-5)
     assert np.allclose(np.linalg.norm(residual, axis=2), rnorm, 1e-5)
+
+
+def test_randomized_factors_are_near_the_optimum():
+    # a spectrum that decays like a trained weight's: σ_i = 0.9^i
+    rng = np.random.default_rng(2)
+    u = np.linalg.qr(rng.standard_normal((200, 150)))[0]
+    v = np.linalg.qr(rng.standard_normal((150, 150)))[0]
+    s = 0.9 ** np.arange(150)
+    w = jnp.asarray((u * s) @ v.T, jnp.float32)
+    us, vt, _ = factors(w, 16, randomized=True)
+    optimum = np.sqrt((s[16:] ** 2).sum())
+    error = np.linalg.norm(np.asarray(w - us @ vt))
+    assert 0.999 * optimum <= error <= 1.01 * optimum  # (0.999: float32 against float64)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_the_grouped_op_is_exact_at_full_rank_and_keeps_lora_exact(impl):
+    rng = np.random.default_rng(3)
+    G, N, K, M, r = 4, 48, 64, 40, 4
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
+    x_lora = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)  # a separate (dropout) input
+    dense = jnp.asarray(rng.standard_normal((G, N, K)) / 8, jnp.float32)
+    sizes = jnp.array([10, 0, 17, 9], jnp.int32)  # an empty group and 4 padding rows
+    lora = GroupedLora(
+        jnp.asarray(rng.standard_normal((G, r, K)) / 8, jnp.float32),
+        jnp.asarray(rng.standard_normal((G, N, r)) / 8, jnp.float32),
+        scale=0.5,
+    )
+    dy = jnp.asarray(rng.standard_normal((M, N)), jnp.float32)
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)  # Pallas: interpret mode
+    def vjp(w, lora_x, ce):
+        f = lambda x, lx, lo: grouped_matmul(  # noqa: E731
+            x, w, sizes, lora=lo, lora_x=lx, impl=impl, ce=ce
+        )
+        y, pull = jax.vjp(f, x, lora_x, lora)
+        return y, pull(dy)
+
+    for w, lora_x in [(dense, None), (quantize_int4(dense), x_lora)]:
+        y, (dx, dlx, dlora) = vjp(w, lora_x, None)
+
+        def ce(rank, keep, w=w):
+            f = grouped_factors(w, rank, jnp.float32)
+            return GroupedFactors(f["ce_ust"], f["ce_v"], f["ce_rnorm"], kept_rows(N, keep))
+
+        y_full, (dx_full, dlx_full, dlora_full) = vjp(w, lora_x, ce(K, 0.0))
+        assert np.array_equal(y_full, y)  # the forward is untouched
+        assert rel_err(dx_full, dx) <= 1e-5  # full rank: the residual is rounding
+        assert not np.any(dx_full[36:])  # padding rows get no gradient
+        for got, want in [(dlx_full, dlx), (dlora_full.a, dlora.a), (dlora_full.b, dlora.b)]:
+            assert got is want is None or np.array_equal(got, want)  # LoRA's own backward
+        errors = [rel_err(vjp(w, lora_x, ce(8, keep))[1][0], dx) for keep in (0.0, 0.25, 0.75)]
+        assert 0.05 < errors[-1] < errors[1] < errors[0] < 1.0  # more rows kept, less error
 
 
 def test_knobs_are_checked():
@@ -143,21 +201,37 @@ def test_lora_gradients_against_the_exact_backward(batch):
         assert rel_err(approx[name][-1], exact[name][-1]) <= 1e-5, name
     o_proj = "moe_layers/self_attn/o_proj/lora_A"  # its dY passes the shared expert's backward
     assert rel_err(approx[o_proj][-1], exact[o_proj][-1]) > 1e-3
+    gate = "moe_layers/mlp/experts/gate_proj/lora_A"  # its dY passes the experts' down
+    assert rel_err(approx[gate][-1], exact[gate][-1]) > 1e-3
     first = "dense_layers/self_attn/q_a_proj/lora_B"
     assert rel_err(approx[first], exact[first]) > 1e-3  # and the approximation is real
 
 
-def test_a_ce_run_trains(batch):
-    program = _program(*CE)
+def _train(program, batch, steps):
     frozen, tparams = program.init_base(0)
-    assert "ce_us" in frozen["moe_layers"]["self_attn"]["q_b_proj"]
     state = program.init_state(0, tparams)
     b = program.device_batch(batch)
     losses = []
-    for _ in range(8):
+    for _ in range(steps):
         state, m = program.train_step(state, frozen, b)
         losses.append(float(jax.device_get(m["loss"])))
+    return frozen, losses
+
+
+# One exchange round and one MoE chunk: then every expert's rows meet in one grouped matmul, as on
+# one device (with more, each call chooses its own kept rows: ce_backward.py).
+ONE_CALL = ("compute.moe_capacity_factor=8.0", "compute.moe_overlap_chunks=1")
+
+
+def test_a_ce_run_trains_on_one_device_and_the_expert_parallel_mesh(batch):
+    frozen, losses = _train(_program(*CE), batch, 8)
+    assert "ce_us" in frozen["moe_layers"]["self_attn"]["q_b_proj"]
+    assert "ce_ust" in frozen["moe_layers"]["mlp"]["experts"]["gate_up_proj"]
     assert all(np.diff(losses) < 0) and losses[-1] < losses[0] - 0.5, losses
+    run = RunConfig.load(TINY_TRAIN, ["train.run_dir='unused'", *CE, *ONE_CALL, "mesh.expert=8"])
+    spec = StepSpec.from_run_config(run, load_model_config(CONFIG_DIR / "tiny.gin"))
+    mesh = _train(build_program(spec, make_mesh(1, 8, 1)), batch, 3)[1]
+    assert np.allclose(mesh, losses[:3], rtol=1e-5), (mesh, losses)  # (one device: no exchange)
 
 
 def test_plan_counts_the_factors():
@@ -166,13 +240,18 @@ def test_plan_counts_the_factors():
     cfg = load_model_config(CONFIG_DIR / "tiny.gin")
     mesh = {"data": 1, "expert": 1, "tensor": 1}
     ce = plan(cfg, mesh_sizes=mesh, seq=64, lora=LoraConfig(rank=4, backward="ce", ce_rank=8))
-    # float32 (us [out, 8], vt [8, in], rnorm [out]) of every dense linear's [out, in] weight
+    # float32 (us [out, 8], vt [8, in], rnorm [out]) of every dense linear's [out, in] weight,
+    # and the compute dtype's (bf16: ust [E, 8, out], v [E, in, 8], rnorm [E, out]) of every
+    # routed-expert stack [E, out, in]
     want = 0
     for out, inp in _dense_linear_shapes(cfg):
         k = min(8, out, inp)
         want += 4 * (out * k + k * inp + out)
+    E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    for out, inp in [(2 * F, D), (D, F)] * cfg.num_moe_layers:
+        want += 2 * E * (8 * out + inp * 8 + out)
     assert ce.ce_factors == want
-    assert "of which CE-LoRA factors (fp32)" in ce.table()
+    assert "of which CE-LoRA factors" in ce.table()
 
 
 def _dense_linear_shapes(cfg):

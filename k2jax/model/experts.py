@@ -36,6 +36,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from k2jax.config import ModelConfig
 from k2jax.model.options import accum_dtype
+from k2jax.ops.ce_backward import GroupedFactors
 from k2jax.ops.grouped_matmul import GroupedLora, grouped_matmul
 from k2jax.quant import Int4Weight
 
@@ -75,7 +76,8 @@ class ExpertWeights:
     """One MoE layer's routed experts, HF [out, in] layout stacked over experts.
 
     gate_up: [E, 2F, D] (gate rows first), down: [E, D, F]; each a dense array or an Int4Weight.
-    LoRA (optional, per projection): gate/up/down as GroupedLora.
+    LoRA (optional, per projection): gate/up/down as GroupedLora. With lora.backward = "ce", the
+    frozen factors of gate_up and down (k2jax/ops/ce_backward.py), part of the base.
     """
 
     gate_up: jax.Array | Int4Weight
@@ -83,6 +85,8 @@ class ExpertWeights:
     lora_gate: GroupedLora | None = None
     lora_up: GroupedLora | None = None
     lora_down: GroupedLora | None = None
+    ce_gate_up: GroupedFactors | None = None
+    ce_down: GroupedFactors | None = None
 
     def split(self) -> tuple[ExpertWeights, dict]:
         """(the frozen base alone, the LoRA factors {name: GroupedLora | None})."""
@@ -157,12 +161,16 @@ def expert_ffn(
 
     lora = None if w.lora_gate is None and w.lora_up is None else (w.lora_gate, w.lora_up)
     lora_x = (drop(x_MD, GATE_SALT), drop(x_MD, UP_SALT))
-    h = grouped_matmul(x_MD, w.gate_up, group_sizes_E, lora=lora, lora_x=lora_x, impl=impl)
+    h = grouped_matmul(
+        x_MD, w.gate_up, group_sizes_E, lora=lora, lora_x=lora_x, impl=impl, ce=w.ce_gate_up
+    )
     # Named for remat "selective": the two expert GEMMs' outputs (k2jax.model.options).
     h = checkpoint_name(h, "expert_h")
     act = nn.silu(h[:, :F]) * h[:, F:]
     lora_x_down = drop(act, DOWN_SALT) if w.lora_down is not None else None
-    y = grouped_matmul(act, w.down, group_sizes_E, lora=w.lora_down, lora_x=lora_x_down, impl=impl)
+    y = grouped_matmul(
+        act, w.down, group_sizes_E, lora=w.lora_down, lora_x=lora_x_down, impl=impl, ce=w.ce_down
+    )
     return checkpoint_name(y, "expert_out")
 
 

@@ -22,6 +22,7 @@ from k2jax.model.expert_parallel import mesh_is_parallel, moe_expert_parallel
 from k2jax.model.experts import ExpertWeights, PairDropout, route, routed_experts
 from k2jax.model.layers import BASE_INIT, MLP, lora_a_init, lora_variable, module_path
 from k2jax.model.options import ComputeConfig
+from k2jax.ops.ce_backward import GroupedFactors, kept_rows
 from k2jax.ops.grouped_matmul import GroupedLora
 from k2jax.quant import Int4Weight, random_int4
 
@@ -45,6 +46,11 @@ class ExpertProj(nn.Module):
 
     gate and up share one fused base weight (`gate_up_proj`) but have separate adapters, so the
     modules `gate_proj` / `up_proj` carry LoRA only.
+
+    `ce`: the run's LoRA config when its backward is "ce" — then the weight has CE-LoRA's frozen
+    factors beside it (`ce_ust` [E, k, out], `ce_v` [E, in, k], `ce_rnorm` [E, out], compute
+    dtype; filled from the loaded weight by k2jax.train.step), unless every row is kept, which
+    is the exact backward.
     """
 
     num_experts: int
@@ -54,9 +60,12 @@ class ExpertProj(nn.Module):
     compute: ComputeConfig
     lora: LoraConfig | None
     with_weight: bool = True
+    ce: LoraConfig | None = None
 
     @nn.compact
-    def __call__(self) -> tuple[jax.Array | Int4Weight | None, GroupedLora | None]:
+    def __call__(
+        self,
+    ) -> tuple[jax.Array | Int4Weight | None, GroupedLora | None, GroupedFactors | None]:
         E, N, K = self.num_experts, self.out_features, self.in_features
         out_axis, in_axis = self.axes
         axes = ("experts", out_axis, in_axis)
@@ -98,7 +107,28 @@ class ExpertProj(nn.Module):
                 self, "lora_B", (E, N, r), ("experts", out_axis, "lora_rank"), nn.initializers.zeros
             )
             lora = GroupedLora(a=a, b=b, scale=self.lora.scale)
-        return weight, lora
+        return weight, lora, self._ce_factors()
+
+    def _ce_factors(self) -> GroupedFactors | None:
+        if not self.with_weight or self.ce is None or self.ce.backward != "ce":
+            return None
+        E, N, K = self.num_experts, self.out_features, self.in_features
+        m = kept_rows(N, self.ce.ce_keep)
+        if m >= N:
+            return None
+        k = min(self.ce.ce_rank, N, K)
+        out_axis, in_axis = self.axes
+        dtype, zeros = self.compute.jnp_dtype, nn.initializers.zeros
+
+        def factor(name, shape, axes):
+            return self.param(name, nn.with_logical_partitioning(zeros, axes), shape, dtype)
+
+        return GroupedFactors(
+            ust=factor("ce_ust", (E, k, N), ("experts", None, out_axis)),
+            v=factor("ce_v", (E, K, k), ("experts", in_axis, None)),
+            rnorm=factor("ce_rnorm", (E, N), ("experts", out_axis)),
+            m=m,
+        )
 
 
 class Router(nn.Module):
@@ -137,17 +167,20 @@ class Experts(nn.Module):
         c, kw = self.cfg, dict(compute=self.compute)
         E, D, F = c.n_routed_experts, c.hidden_size, c.moe_intermediate_size
         up_axes = ("expert_mlp", "embed")
-        gate_up, _ = ExpertProj(E, 2 * F, D, up_axes, lora=None, name="gate_up_proj", **kw)()
-        _, lora_gate = ExpertProj(
+        kw["ce"] = self.lora
+        gate_up, _, ce_gate_up = ExpertProj(
+            E, 2 * F, D, up_axes, lora=None, name="gate_up_proj", **kw
+        )()
+        _, lora_gate, _ = ExpertProj(
             E, F, D, up_axes, lora=self.lora, with_weight=False, name="gate_proj", **kw
         )()
-        _, lora_up = ExpertProj(
+        _, lora_up, _ = ExpertProj(
             E, F, D, up_axes, lora=self.lora, with_weight=False, name="up_proj", **kw
         )()
-        down, lora_down = ExpertProj(
+        down, lora_down, ce_down = ExpertProj(
             E, D, F, ("embed", "expert_mlp"), lora=self.lora, name="down_proj", **kw
         )()
-        return ExpertWeights(gate_up, down, lora_gate, lora_up, lora_down)
+        return ExpertWeights(gate_up, down, lora_gate, lora_up, lora_down, ce_gate_up, ce_down)
 
 
 class MoE(nn.Module):

@@ -171,6 +171,8 @@ through a column offset, never sliced out):
                                                   tile) loops over the group's rows; never a
                                                   dense [G, M, ·] expansion
 With column blocks the per-adapter kernels are named `…_block{b}` (gmm_lora_a_block1, …).
+With `base_dx=False` (CE-LoRA, k2jax/ops/ce_backward.py) dx leaves out dy·W[g]: it is then the
+dx' form over the adapters that read x (kernel `gmm_dx_lora`), or zeros when none does.
 The base weight W is frozen: its cotangent is a symbolic zero (None), as is group_sizes'. Code
 that differentiates W through this path silently gets zeros; use impl="xla" for that.
 `dy` is cast to x's dtype before the MMAs (a no-op unless `preferred_element_type` differs).
@@ -824,6 +826,7 @@ class _Config:
     adapters: tuple[_Adapter, ...]
     tiles: Tiles
     interpret: bool
+    base_dx: bool = True  # False: x's cotangent leaves out dy·W[g] (CE-LoRA adds its own)
 
     def name(self, base: str, block: int) -> str:
         """Kernel names: one per adapter's block when there are column blocks."""
@@ -840,6 +843,7 @@ def grouped_matmul_pallas(
     preferred_element_type=None,
     tiles: Tiles = DEFAULT_TILES,
     interpret: bool | None = None,
+    base_dx: bool = True,
 ) -> jax.Array:
     """The Pallas grouped matmul; same contract as `grouped_matmul` (module docstring there).
 
@@ -847,7 +851,8 @@ def grouped_matmul_pallas(
     None) for k column blocks, b [G, N/k, r]; `lora_x` their inputs (`lora_blocks`).
     `interpret=None` runs the kernels in Pallas interpret mode when JAX's default backend is the
     CPU, compiled through Triton otherwise. Gradients flow to x, the lora_x, and each adapter's a
-    and b; W is treated as frozen.
+    and b; W is treated as frozen. `base_dx=False` leaves dy·W[g] out of x's cotangent (only the
+    LoRA terms of adapters reading x remain: `lora.backward = "ce"` adds its approximation).
     """
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
@@ -873,6 +878,7 @@ def grouped_matmul_pallas(
         adapters=tuple(adapters),
         tiles=tiles,
         interpret=bool(interpret),
+        base_dx=base_dx,
     )
     sched = make_schedule(group_sizes, x.shape[0], tiles.bm)
     return _gmm_vjp(cfg, x, w, sched, tuple(a), tuple(b), tuple(sources))
@@ -954,8 +960,14 @@ def _gmm_bwd(cfg: _Config, res, dy):
     d_sources = []
     for i, src in enumerate(sources):
         terms = [(dt_b, a_b, 0) for ad, dt_b, a_b in zip(cfg.adapters, dt, a) if ad.source == i]
-        if i == 0:
+        if i == 0 and cfg.base_dx:
             lhs, w_i, name = dy, w, "gmm_dx"
+        elif not terms:  # x without W's product and without an adapter reading it
+            d_sources.append(jnp.zeros_like(src))
+            continue
+        elif i == 0:
+            (lhs, w_i, _), *terms = terms
+            name = cfg.name("gmm_dx_lora", next(ad.block for ad in cfg.adapters if ad.source == 0))
         else:
             (lhs, w_i, _), *terms = terms
             first = next(ad.block for ad in cfg.adapters if ad.source == i)

@@ -35,16 +35,24 @@ Implementations (chosen by `impl`):
   "plan"    a memory-planning stand-in with the kernel's inputs, outputs and gradient shapes and
             almost no arithmetic (`grouped_matmul_plan`; for `k2jax plan` only).
   "auto"    "pallas" when JAX's default backend is a GPU, else "xla".
+
+CE-LoRA (`ce`, lora.backward = "ce"): the forward is the same; the backward through the frozen W
+is approximated by k2jax/ops/ce_backward.py's factors of each expert. The implementation is told
+not to compute dy·W[g] itself (Pallas: `base_dx=False`; the reference: W's product reads a
+stopped-gradient x) and `attach_grouped` adds the approximation, with the same implementation
+for its three small grouped products; the LoRA terms keep their exact backward.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
+from k2jax.ops.ce_backward import GroupedFactors, attach_grouped
 from k2jax.ops.gmm_pallas import grouped_matmul_pallas, lora_blocks
 from k2jax.quant import Int4Weight, dequantize
 
@@ -78,43 +86,46 @@ def grouped_matmul(
     lora_x: jax.Array | Sequence[jax.Array | None] | None = None,
     impl: str = "auto",
     preferred_element_type=None,
+    ce: GroupedFactors | None = None,
 ) -> jax.Array:
     """y [M, N] for rows x [M, K] sorted by group, weights w [G, N, K]; see the module docstring.
 
     `lora` is one GroupedLora (b [G, N, r]) or k column blocks of them (b [G, N/k, r], or None
     for a block without an adapter); `lora_x` their input when it differs from `x` (LoRA
     dropout): one array for all, or one array or None per block. `preferred_element_type` is the
-    accumulation/output dtype (default: x's dtype).
+    accumulation/output dtype (default: x's dtype). `ce`: CE-LoRA's factors of w, for an
+    approximated backward through it (module docstring).
     """
     if impl not in IMPLS:
         raise ValueError(f"grouped_matmul impl must be one of {IMPLS}, got {impl!r}")
     _check_shapes(x, w, group_sizes, lora, lora_x)
     if impl == "auto":
         impl = "pallas" if jax.default_backend() == "gpu" else "xla"
-    if impl == "plan":
-        return grouped_matmul_plan(x, w, group_sizes, lora=lora, lora_x=lora_x)
-    if impl == "pallas":
-        return grouped_matmul_pallas(
-            x,
-            w,
-            group_sizes,
-            lora=lora,
-            lora_x=lora_x,
-            preferred_element_type=preferred_element_type,
-        )
-    return grouped_matmul_reference(
-        x, w, group_sizes, lora=lora, lora_x=lora_x, preferred_element_type=preferred_element_type
-    )
+    kw = dict(lora=lora, lora_x=lora_x)
+    if impl == "plan":  # the stand-in's backward is shapes only, with or without `ce`
+        y = grouped_matmul_plan(x, w, group_sizes, **kw)
+    else:
+        kw.update(preferred_element_type=preferred_element_type, base_dx=ce is None)
+        gmm = grouped_matmul_pallas if impl == "pallas" else grouped_matmul_reference
+        y = gmm(x, w, group_sizes, **kw)
+    if ce is None:
+        return y
+    return attach_grouped(y, x, w, group_sizes, ce, functools.partial(grouped_matmul, impl=impl))
 
 
 def grouped_matmul_reference(
-    x, w, group_sizes, *, lora=None, lora_x=None, preferred_element_type=None
+    x, w, group_sizes, *, lora=None, lora_x=None, preferred_element_type=None, base_dx=True
 ) -> jax.Array:
-    """The XLA reference: dequantise W, then ragged dots (see the module docstring)."""
+    """The XLA reference: dequantise W, then ragged dots (see the module docstring). With
+    `base_dx=False` no gradient flows to x through W's product (CE-LoRA adds its own)."""
     out_dtype = preferred_element_type or x.dtype
     w_dense = dequantize(w, x.dtype)
     y = jax.lax.ragged_dot_general(
-        x, w_dense, group_sizes, _DIMS_NK, preferred_element_type=out_dtype
+        x if base_dx else jax.lax.stop_gradient(x),
+        w_dense,
+        group_sizes,
+        _DIMS_NK,
+        preferred_element_type=out_dtype,
     )
     adapters, inputs = lora_blocks(lora, lora_x)
     if not adapters:

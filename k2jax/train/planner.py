@@ -102,7 +102,7 @@ class PlanResult:
                 if self.image_patches
                 else []
             ),
-            *([("  of which CE-LoRA factors (fp32)", self.ce_factors)] if self.ce_factors else []),
+            *([("  of which CE-LoRA factors", self.ce_factors)] if self.ce_factors else []),
             ("LoRA (+ trainable base), fp32", self.lora),
             ("optimizer state", self.optimizer),
             ("other state + batch", self.other_state),

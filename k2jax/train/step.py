@@ -66,6 +66,7 @@ from k2jax.model import ComputeConfig, Transformer
 from k2jax.model.context_parallel import resolve as resolve_context
 from k2jax.model.transformer import init_variables
 from k2jax.ops.ce_backward import factors as ce_factors
+from k2jax.ops.ce_backward import grouped_factors
 from k2jax.optim import (
     OptimConfig,
     ScheduleConfig,
@@ -77,6 +78,7 @@ from k2jax.optim import (
     unset_thresholds,
     update_qk_clip,
 )
+from k2jax.quant import Int4Weight
 from k2jax.sharding import logical_specs, spec_for, token_axes, use_mesh
 from k2jax.train.state import (
     merge_params,
@@ -258,8 +260,8 @@ class Program:
 
     def _place_frozen(self, frozen):
         """The frozen base on its shardings; with lora.backward = "ce" also the factors of
-        every frozen linear weight (`ce_us`, `ce_vt`, `ce_rnorm`: k2jax/ops/ce_backward.py),
-        computed once from it."""
+        every frozen linear weight (`ce_us`, `ce_vt`, `ce_rnorm`) and routed-expert stack
+        (`ce_ust`, `ce_v`, `ce_rnorm`; k2jax/ops/ce_backward.py), computed once from it."""
         if self.spec.lora.backward != "ce":
             return jax.device_put(frozen, self.frozen_shardings)
         if self._fill_ce is None:
@@ -270,9 +272,15 @@ class Program:
                     if not isinstance(abstract, dict):
                         return node
                     out = {k: walk(node[k], v) for k, v in abstract.items() if k in node}
-                    if "ce_us" in abstract:
-                        us, vt, rnorm = ce_factors(node["weight"], rank)
+                    if "ce_us" in abstract:  # a dense linear, one stacked layer at a time
+                        w, f = node["weight"], functools.partial(ce_factors, rank=rank)
+                        us, vt, rnorm = jax.lax.map(f, w) if w.ndim == 3 else f(w)
                         out.update(ce_us=us, ce_vt=vt, ce_rnorm=rnorm)
+                    if "ce_ust" in abstract:  # a routed-expert stack, one layer at a time
+                        w = node.get("weight")
+                        if w is None:
+                            w = Int4Weight(node["weight_q"], node["weight_scale"])
+                        out.update(grouped_factors(w, rank, abstract["ce_ust"].dtype))
                     return out
 
                 return walk(tree, self.frozen_abstract)
