@@ -222,7 +222,9 @@ def make_setup(
         seq, mesh_sizes = seq or (SEQ if name == "full8" else 64), dict(data=1, expert=8, tensor=1)
     else:
         raise ValueError(f"unknown setup {name!r}")
-    spec = bench_step.step_spec(cfg, expert_dtype="int4", gmm_impl="xla", attention_impl="dpa_xla")
+    spec = bench_step.step_spec(
+        cfg, expert_dtype="int4", gmm_impl="xla", attention_impl="dpa_xla", lora=lora
+    )
     changes = {}
     if remat is not None:
         changes["remat"] = remat
@@ -232,8 +234,6 @@ def make_setup(
     mode = resolve_context("auto", rows // spec.grad_accum, mesh_sizes or {})
     changes["context_parallel"] = mode
     spec = dataclasses.replace(spec, compute=dataclasses.replace(spec.compute, **changes))
-    if lora:  # e.g. {"backward": "ce", "ce_rank": 64, "ce_keep": 0.125} (k2jax/ops/ce_backward.py)
-        spec = dataclasses.replace(spec, lora=dataclasses.replace(spec.lora, **lora))
     if mesh_sizes is None:
         mesh = make_mesh(devices=jax.devices()[:1])
     else:
@@ -1229,9 +1229,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="write the record here")
     args = ap.parse_args(argv)
     kw = dict(seq=args.seq, moe_chunk_tokens=args.moe_chunk_tokens)
-    lora = None
-    if args.lora_backward == "ce":
-        lora = {"backward": "ce", "ce_rank": args.ce_rank, "ce_keep": args.ce_keep}
+    lora = bench_step.lora_overrides(args)
     setup = make_setup(args.setup, remat=args.remat, rows=args.rows, lora=lora, **kw)
     rec = account(setup)
     rec["command"] = " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])

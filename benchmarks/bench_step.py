@@ -165,10 +165,14 @@ def step_spec(
     expert_dtype: str,
     gmm_impl: str | None = None,
     attention_impl: str | None = None,
+    lora: dict | None = None,
 ) -> StepSpec:
     """configs/lora_sft.gin's compute, LoRA, optimizer and schedule on `cfg`; one row per step.
-    The kernel overrides are for diagnosis (the recipe's "auto" is what is measured)."""
+    The kernel overrides are for diagnosis (the recipe's "auto" is what is measured); `lora`
+    overrides LoraConfig fields, e.g. {"backward": "ce", "ce_rank": 64, "ce_keep": 0.125}."""
     run = RunConfig.load(RUN_RECIPE)
+    if lora:
+        run = dataclasses.replace(run, lora=dataclasses.replace(run.lora, **lora))
     compute = dataclasses.replace(run.compute, experts=expert_dtype)
     if gmm_impl is not None:
         compute = dataclasses.replace(compute, gmm_impl=gmm_impl)
@@ -249,6 +253,7 @@ def run_case(
     peak_tflops: float = PEAK_TFLOPS,
     gmm_impl: str | None = None,
     attention_impl: str | None = None,
+    lora: dict | None = None,
     seed: int = 0,
 ) -> dict:
     """Builds, compiles and times one case on one device; returns its record (see main)."""
@@ -258,7 +263,11 @@ def run_case(
     t_start = time.perf_counter()
     cfg = slice_config(case, tiny=tiny)
     spec = step_spec(
-        cfg, expert_dtype=case.expert_dtype, gmm_impl=gmm_impl, attention_impl=attention_impl
+        cfg,
+        expert_dtype=case.expert_dtype,
+        gmm_impl=gmm_impl,
+        attention_impl=attention_impl,
+        lora=lora,
     )
     device = jax.devices()[0]
     mesh = make_mesh(devices=[device])
@@ -348,6 +357,9 @@ def run_case(
             "compute": dataclasses.asdict(spec.compute),
             "lora_rank": spec.lora.rank,
             "lora_targets": list(spec.lora.targets),
+            "lora_backward": spec.lora.backward,  # "ce": init_s includes computing the factors
+            "ce_rank": spec.lora.ce_rank,
+            "ce_keep": spec.lora.ce_keep,
             "optimizer": spec.optim.name,
             "qk_clip_tau": spec.optim.qk_clip_tau,
         },
@@ -538,6 +550,13 @@ def _expert_gemm_saving(rows: list[dict], routed_rows: int, *, forwards: int) ->
 # --------------------------------------------------------------------------------------------------
 
 
+def lora_overrides(args) -> dict | None:
+    """LoraConfig overrides from --lora-backward/--ce-rank/--ce-keep (None for "exact")."""
+    if args.lora_backward == "exact":
+        return None
+    return {"backward": "ce", "ce_rank": args.ce_rank, "ce_keep": args.ce_keep}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--case", choices=sorted(CASES), required=True)
@@ -553,6 +572,11 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS)
     p.add_argument("--gmm-impl", default=None, help="override compute.gmm_impl (diagnosis)")
     p.add_argument("--attention-impl", default=None, help="override compute.attention_impl")
+    p.add_argument(
+        "--lora-backward", choices=("exact", "ce"), default="exact", help="lora.backward"
+    )
+    p.add_argument("--ce-rank", type=int, default=64, help="lora.ce_rank (with ce)")
+    p.add_argument("--ce-keep", type=float, default=0.125, help="lora.ce_keep (with ce)")
     args = p.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -565,6 +589,7 @@ def main(argv=None) -> int:
             peak_tflops=args.peak_tflops,
             gmm_impl=args.gmm_impl,
             attention_impl=args.attention_impl,
+            lora=lora_overrides(args),
         )
     except Exception as e:  # recorded, so that the caller's table says what went wrong
         traceback.print_exc()

@@ -2,6 +2,7 @@
 between the rare sessions that have a GPU: the record of one timed step, the chunked random base,
 the (c) projection's arithmetic and the HF+PEFT slice's widths."""
 
+import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -35,6 +36,17 @@ def test_tiny_step_record(bench_step):
     attn *= m["qk_head_dim"] + m["v_head_dim"]
     assert r["step_flops"] == pytest.approx(T * r["weight_flops_per_token"] + attn)
     assert r["mfu"] == pytest.approx(r["step_flops"] / (r["step_s"] * 800e12))
+
+
+def test_the_ce_backward_can_be_timed(bench_step):
+    """--lora-backward ce reaches the step's LoraConfig (the GPU run that times CE-LoRA, issue 19;
+    test_ce_lora.py trains with it)."""
+    args = argparse.Namespace(lora_backward="ce", ce_rank=8, ce_keep=0.25)
+    cfg = bench_step.slice_config(bench_step.CASES["b"], tiny=True)
+    spec = bench_step.step_spec(cfg, expert_dtype="int4", lora=bench_step.lora_overrides(args))
+    assert (spec.lora.backward, spec.lora.ce_rank, spec.lora.ce_keep) == ("ce", 8, 0.25)
+    exact = argparse.Namespace(lora_backward="exact", ce_rank=8, ce_keep=0.25)
+    assert bench_step.lora_overrides(exact) is None
 
 
 def _record(step_s, moe_layers, T=4096):
