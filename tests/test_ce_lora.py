@@ -11,6 +11,7 @@ the last layer's gradients are exact at any setting (its dY is), and a run train
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -252,6 +253,34 @@ def test_plan_counts_the_factors():
         want += 2 * E * (8 * out + inp * 8 + out)
     assert ce.ce_factors == want
     assert "of which CE-LoRA factors" in ce.table()
+
+
+def test_the_plan_of_a_ce_run_adds_the_same_temporaries_at_any_depth():
+    """CE's extra temporaries are one layer's backward, whatever the depth, INT4 experts in
+    memory chunks included (the plan once counted an int8 copy of every layer's int4 experts,
+    which XLA:CPU made to gather CE's kept rows from the stacked weights in the layer loop)."""
+    from k2jax.model import ComputeConfig
+    from k2jax.train.planner import plan
+
+    cfg = load_model_config(CONFIG_DIR / "tiny.gin")
+    mesh = {"data": 1, "expert": 8, "tensor": 1}
+    compute = ComputeConfig(experts="int4", int4_group_size=16, moe_chunk_tokens=32)
+    extra = []
+    for layers in (3, 7):
+        deep = dataclasses.replace(cfg, num_hidden_layers=layers)
+        t = {
+            b: plan(
+                deep,
+                mesh_sizes=mesh,
+                seq=64,
+                batch=8,
+                compute=compute,
+                lora=LoraConfig(rank=4, backward=b, ce_rank=4),
+            ).temporaries
+            for b in ("exact", "ce")
+        }
+        extra.append(t["ce"] - t["exact"])
+    assert 0 < extra[0] == extra[1]
 
 
 def _dense_linear_shapes(cfg):

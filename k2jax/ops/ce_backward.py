@@ -184,7 +184,10 @@ Matmul = Callable[..., jax.Array]  # (x [M, K], w [G, N, K], group_sizes, prefer
 def attach_grouped(y, x, w, group_sizes, ce: GroupedFactors, matmul: Matmul):
     """y itself; in the backward, y's cotangent also flows to x as the approximation of
     dY·W[g] (module docstring). `matmul` is the grouped matmul that computes its three
-    products (the caller's implementation: Pallas on a GPU)."""
+    products (the caller's implementation: Pallas on a GPU). `w` None is `k2jax plan`'s
+    stand-in (grouped_matmul's "plan" impl): the kept rows of W are replaced by a product of the
+    same shape and dtype, so the memory is planned without making the weights an input, which
+    XLA:CPU would copy from int4 to int8 stacks to slice them in the layer loop."""
     return _attach(matmul, y, x, w, group_sizes, ce)
 
 
@@ -199,7 +202,7 @@ def _attach_fwd(matmul, y, x, w, group_sizes, ce):
 
 def _attach_bwd(matmul, res, dy):
     x, w, group_sizes, ce = res
-    G = w.shape[0]
+    G = ce.ust.shape[0]
     f32 = dict(preferred_element_type=jnp.float32)
     dyc = dy.astype(x.dtype)
     t = matmul(dyc, ce.ust, group_sizes).astype(x.dtype)  # dY·Us[g]            [M, k]
@@ -211,15 +214,22 @@ def _attach_bwd(matmul, res, dy):
         sq = jax.ops.segment_sum(jnp.square(dy.astype(jnp.float32)), expert, num_segments=G + 1)
         score = jnp.sqrt(sq[:G]) * ce.rnorm.astype(jnp.float32)  # [G, N]
         _, rows = jax.lax.top_k(score, ce.m)  # [G, m]: per expert, its most important rows
-        w_rows = jax.tree.map(lambda a: jnp.take_along_axis(a, rows[..., None], axis=1), w)
         ust_rows = jnp.take_along_axis(ce.ust, rows[:, None, :], axis=2)  # [G, k, m]
+        if w is None:  # k2jax plan's stand-in for W's kept rows (attach_grouped)
+            w_rows = jnp.einsum("gkm,gKk->gmK", ust_rows, ce.v, **f32)
+        else:
+            w_rows = jax.tree.map(lambda a: jnp.take_along_axis(a, rows[..., None], axis=1), w)
+            w_rows = dequantize(w_rows, jnp.float32)  # [G, m, K]
         # the residual's kept rows, transposed for the grouped matmul: Rᵀ [G, K, m]
-        residual_t = jnp.swapaxes(dequantize(w_rows, jnp.float32), 1, 2) - jnp.einsum(
+        residual_t = jnp.swapaxes(w_rows, 1, 2) - jnp.einsum(
             "gKk,gkm->gKm", ce.v.astype(jnp.float32), ust_rows.astype(jnp.float32)
         )
         rows = jnp.concatenate([rows, jnp.zeros((1, ce.m), rows.dtype)])  # padding: any rows
         dy_kept = jnp.take_along_axis(dyc, rows[expert], axis=1)  # [M, m]
-        dx = dx + matmul(dy_kept, residual_t.astype(x.dtype), group_sizes, **f32)
+        residual_t = residual_t.astype(x.dtype)
+        dx = dx + matmul(dy_kept, residual_t, group_sizes, **f32)
+        if w is None:  # the plan's matmul reads no weights; this one's are temporaries to count
+            dx = dx + jnp.mean(jax.lax.optimization_barrier(residual_t), dtype=jnp.float32)
     return dy, dx.astype(x.dtype), None, None, None  # w, group_sizes, factors: frozen
 
 
