@@ -13,6 +13,10 @@ ROOT = Path(__file__).resolve().parent.parent
 REF_PYTHON = ROOT / ".venv-ref" / "bin" / "python"
 REF_DIR = ROOT / "tests" / "reference"
 
+# jit compiler options for Pallas kernels in interpret mode: each kernel becomes an XLA loop that
+# takes ~1 s to compile at full optimisation; the tests' tiny problems run in milliseconds either
+# way.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 # Kimi-K2's YaRN block, as its config.json writes it (K2_FACTS §1).
 K2_YARN = {
     "type": "yarn",

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import rel_err
+from helpers import FAST_COMPILE, rel_err
 
 from k2jax.config import CONFIG_DIR, ConfigError, load_model_config
 from k2jax.data import DEMO_CHATS, DataConfig, KimiTokenizer, PackedBatches
@@ -31,7 +31,6 @@ from k2jax.sharding import make_mesh
 from k2jax.train import RunConfig, StepSpec, build_program
 
 TINY_TRAIN = CONFIG_DIR / "tiny_train.gin"
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 CE = ('lora.backward="ce"', "lora.ce_rank=4", "lora.ce_keep=0.1")
 
 

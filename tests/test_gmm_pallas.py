@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from helpers import rel_err
+from helpers import FAST_COMPILE, rel_err
 
 from k2jax.ops import gmm_pallas, grouped_matmul
 from k2jax.ops.gmm_pallas import (
@@ -55,9 +55,6 @@ LAYOUTS = {
 }
 G = 7
 TOL = {"float32": 1e-5, "bfloat16": 1e-2}
-# Interpret mode turns each kernel into an XLA loop that takes ~1 s to compile at full
-# optimisation; these tiny problems run in milliseconds either way.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 

@@ -965,13 +965,10 @@ def _gmm_bwd(cfg: _Config, res, dy):
         elif not terms:  # x without W's product and without an adapter reading it
             d_sources.append(jnp.zeros_like(src))
             continue
-        elif i == 0:
-            (lhs, w_i, _), *terms = terms
-            name = cfg.name("gmm_dx_lora", next(ad.block for ad in cfg.adapters if ad.source == 0))
-        else:
+        else:  # the first adapter's product is the main loop
             (lhs, w_i, _), *terms = terms
             first = next(ad.block for ad in cfg.adapters if ad.source == i)
-            name = cfg.name("gmm_dlora_x", first)
+            name = cfg.name("gmm_dx_lora" if i == 0 else "gmm_dlora_x", first)
         d_sources.append(
             _gmm(
                 lhs,
