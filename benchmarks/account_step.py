@@ -1226,6 +1226,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--ce-rank", type=int, default=64, help="lora.ce_rank (with ce)")
     ap.add_argument("--ce-keep", type=float, default=0.125, help="lora.ce_keep (with ce)")
+    ap.add_argument("--ce-refresh", type=int, default=0, help="lora.ce_refresh (with ce)")
     ap.add_argument("--json", type=Path, default=None, help="write the record here")
     args = ap.parse_args(argv)
     kw = dict(seq=args.seq, moe_chunk_tokens=args.moe_chunk_tokens)

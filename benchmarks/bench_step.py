@@ -360,6 +360,7 @@ def run_case(
             "lora_backward": spec.lora.backward,  # "ce": init_s includes computing the factors
             "ce_rank": spec.lora.ce_rank,
             "ce_keep": spec.lora.ce_keep,
+            "ce_refresh": spec.lora.ce_refresh,
             "optimizer": spec.optim.name,
             "qk_clip_tau": spec.optim.qk_clip_tau,
         },
@@ -551,10 +552,12 @@ def _expert_gemm_saving(rows: list[dict], routed_rows: int, *, forwards: int) ->
 
 
 def lora_overrides(args) -> dict | None:
-    """LoraConfig overrides from --lora-backward/--ce-rank/--ce-keep (None for "exact")."""
+    """LoraConfig overrides from --lora-backward/--ce-rank/--ce-keep/--ce-refresh (None for
+    "exact")."""
     if args.lora_backward == "exact":
         return None
-    return {"backward": "ce", "ce_rank": args.ce_rank, "ce_keep": args.ce_keep}
+    knobs = ("ce_rank", "ce_keep", "ce_refresh")
+    return {"backward": "ce", **{k: getattr(args, k) for k in knobs}}
 
 
 def main(argv=None) -> int:
@@ -577,6 +580,7 @@ def main(argv=None) -> int:
     )
     p.add_argument("--ce-rank", type=int, default=64, help="lora.ce_rank (with ce)")
     p.add_argument("--ce-keep", type=float, default=0.125, help="lora.ce_keep (with ce)")
+    p.add_argument("--ce-refresh", type=int, default=0, help="lora.ce_refresh (with ce)")
     args = p.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:

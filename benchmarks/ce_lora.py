@@ -8,7 +8,9 @@ fidelity. Per adapter leaf (a module's lora_A / lora_B, each stacked layer apart
 similarity and the relative norm error ‖g_ce − g‖ / ‖g‖ of the LoRA gradient, with B moved off
 zero (at B = 0 the gradient of A vanishes), on one batch:
   * `tiny` — configs/tiny.gin (random base, 1 dense + 2 MoE layers, width 64), the first packed
-    batch of the demo chats, at the given knobs;
+    batch of the demo chats, at the given knobs; and with carried rows (lora.ce_refresh ≥ 1) at
+    the first knobs, rows chosen by the residual's row norms alone (a run's first N steps) and
+    from the second batch's Σ dY² (a refreshed set, one batch stale);
   * `k2layer` — one dense layer at Kimi-K2 widths (hidden 7168, MLA q_lora 1536 / kv_lora 512,
     64 heads, MLP 18432; vocabulary cut to 1,024 to fit), float32, 256 random tokens. Its
     weights are random (N(0, 1/fan_in)): a flat singular spectrum, the worst case for a low-rank
@@ -18,7 +20,8 @@ zero (at B = 0 the gradient of A vanishes), on one batch:
     weights, 256 random tokens: the routed experts' per-expert factors.
 
 quality. The tiny random base trained with configs/tiny_train.gin (MuonClip, LoRA r=8 on every
-linear) for `--steps` steps, exact vs CE at each knob setting, on (a) the demo chats and (b)
+linear) for `--steps` steps, exact vs CE at each knob setting (rows chosen per backward, and
+carried with refresh periods 1, 10 and 50), on (a) the demo chats and (b)
 generated arithmetic chats ("What is 37 + 58?" → "37 + 58 = 95."), both with a held-out eval
 loss every 25 steps; the curves are plotted into ce_quality.png.
 """
@@ -46,6 +49,7 @@ from k2jax.train import RunConfig, StepSpec, Trainer, build_program
 
 TINY_TRAIN = CONFIG_DIR / "tiny_train.gin"
 KNOBS = ((8, 0.125), (4, 0.05))  # (ce_rank, ce_keep) on the tiny model (width 64)
+REFRESH = (1, 10, 50)  # lora.ce_refresh periods trained at KNOBS[0]
 K2_KNOBS = ((64, 0.125), (256, 0.125))
 
 
@@ -54,19 +58,30 @@ def _program(cfg, *overrides):
     return build_program(StepSpec.from_run_config(run, cfg), make_mesh(devices=jax.devices()[:1]))
 
 
-def _grads(program, batch):
+def _grads(program, batch, choose_on=None):
+    """The LoRA gradients of `batch`. With carried rows (lora.ce_refresh ≥ 1): rows chosen by
+    the residual's row norms, or — `choose_on`, another batch — from that batch's Σ dY²."""
     frozen, tparams = program.init_base(0)
     state = program.init_state(0, tparams)
-    mb = jax.tree.map(lambda x: x[0], program.device_batch(batch))
 
-    def loss(tr, frozen, qk, mb):
-        sums, _ = program._apply_loss(tr, qk, frozen, mb, None)
+    def loss(tr, score, frozen, qk, rows, mb):
+        ce = None if rows is None else {"rows": rows, "score": score}
+        sums, _ = program._apply_loss(tr, qk, frozen, mb, None, ce)
         return sums["loss_sum"] / sums["count"]
 
     trainable = jax.tree_util.tree_map_with_path(
         lambda p, x: x + 0.05 if p[-1].key == "lora_B" else x, state["trainable"]
     )
-    grads = jax.jit(jax.grad(loss))(trainable, frozen, state["qk_clip"], mb)["lora"]
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    ce = state.get("ce", {"rows": None, "score": None})
+    if ce["rows"] is not None:  # step 0's choice: by rnorm (the scores are zero)
+        ce = {**ce, "rows": program._carried_rows(0, ce, frozen)}
+        if choose_on is not None:
+            first = jax.tree.map(lambda x: x[0], program.device_batch(choose_on))
+            score = grad(trainable, ce["score"], frozen, state["qk_clip"], ce["rows"], first)[1]
+            ce = {**ce, "rows": program._carried_rows(0, {**ce, "score": score}, frozen)}
+    mb = jax.tree.map(lambda x: x[0], program.device_batch(batch))
+    grads = grad(trainable, ce["score"], frozen, state["qk_clip"], ce["rows"], mb)[0]["lora"]
     return {
         "/".join(str(k.key) for k in p): np.asarray(v, np.float64)
         for p, v in jax.tree_util.tree_flatten_with_path(grads)[0]
@@ -92,11 +107,12 @@ def _compare(exact: dict, approx: dict) -> list[dict]:
     return rows
 
 
-def _tiny_batch():
+def _tiny_batches(n: int) -> list[dict]:
     folder = Path(tempfile.mkdtemp())
     write_tiny_tokenizer(folder)
     cfg = DataConfig(path=str(DEMO_CHATS), seq_len=128, batch_size=8)
-    return next(PackedBatches(cfg, KimiTokenizer.from_dir(folder)))
+    data = PackedBatches(cfg, KimiTokenizer.from_dir(folder))
+    return [next(data) for _ in range(n)]
 
 
 def _k2_layer():
@@ -124,8 +140,9 @@ def _random_batch(vocab: int, seq: int):
 
 def fidelity(args) -> dict:
     out = {}
+    tiny, other = _tiny_batches(2)
     for name, cfg, batch, knobs, extra in (
-        ("tiny", load_model_config(CONFIG_DIR / "tiny.gin"), _tiny_batch(), KNOBS, ()),
+        ("tiny", load_model_config(CONFIG_DIR / "tiny.gin"), tiny, KNOBS, ()),
         (
             "k2layer",
             _k2_layer(),
@@ -147,13 +164,30 @@ def fidelity(args) -> dict:
         exact = _grads(_program(cfg, *extra), batch)
         out[name] = {}
         for rank, keep in knobs:
-            ce = ('lora.backward="ce"', f"lora.ce_rank={rank}", f"lora.ce_keep={keep}")
+            ce = _ce(rank, keep)
             rows = _compare(exact, _grads(_program(cfg, *extra, *ce), batch))
             out[name][f"rank{rank}_keep{keep}"] = rows
             worst = min(r["cosine"] for r in rows)
             print(f"{name} rank {rank} keep {keep}: worst cosine {worst:.4f}", flush=True)
+        if name == "tiny":  # carried rows: the first steps' choice, and a one-batch-stale one
+            (rank, keep), ce = KNOBS[0], (*_ce(*KNOBS[0]), "lora.ce_refresh=1")
+            program = _program(cfg, *extra, *ce)
+            for label, choose_on in (("rnorm", None), ("other_batch", other)):
+                rows = _compare(exact, _grads(program, batch, choose_on))
+                out[name][f"rank{rank}_keep{keep}_carried_{label}"] = rows
+                worst = min(r["cosine"] for r in rows)
+                print(f"{name} carried rows ({label}): worst cosine {worst:.4f}", flush=True)
         print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
     return out
+
+
+def _ce(rank: int, keep: float, refresh: int = 0) -> tuple[str, ...]:
+    return (
+        'lora.backward="ce"',
+        f"lora.ce_rank={rank}",
+        f"lora.ce_keep={keep}",
+        f"lora.ce_refresh={refresh}",
+    )
 
 
 def _arithmetic(folder: Path, n: int, seed: int) -> Path:
@@ -185,7 +219,7 @@ def _run(run_dir: Path, data: str, eval_path: str | None, steps: int, ce) -> dic
     ]
     over += [f"eval.path={eval_path!r}"] if eval_path else ["data.val_size=32"]
     if ce is not None:
-        over += ['lora.backward="ce"', f"lora.ce_rank={ce[0]}", f"lora.ce_keep={ce[1]}"]
+        over += list(_ce(*ce))
     t0 = time.perf_counter()
     with Trainer.from_config(TINY_TRAIN, over) as t:
         records = t.fit()
@@ -205,8 +239,9 @@ def quality(args) -> dict:
     out = {}
     for dname, (data, held_out) in datasets.items():
         out[dname] = {}
-        for ce in (None, *KNOBS):
+        for ce in (None, *KNOBS, *((*KNOBS[0], n) for n in REFRESH)):
             label = "exact" if ce is None else f"ce rank {ce[0]} keep {ce[1]}"
+            label += f" refresh {ce[2]}" if ce is not None and len(ce) > 2 else ""
             tag = label.replace(" ", "_")
             r = _run(root / f"{dname[:4]}_{tag}", data, held_out, args.steps, ce)
             out[dname][label] = r

@@ -87,10 +87,14 @@ class LoraConfig:
     # rank-`ce_rank` part of W plus its `ce_keep` fraction of rows that matter most for the
     # step's gradient (k2jax/ops/ce_backward.py): every frozen linear (attention, MLPs, shared
     # and routed experts — per expert —, the vision tower) but the LM head. The forward is
-    # unchanged.
+    # unchanged. `ce_refresh`: 0 chooses the rows in every backward from its own gradient; N ≥ 1
+    # carries one set per linear (per expert) in the train state, re-chosen at steps 1, 1 + N,
+    # 1 + 2N, … from the gradients of the steps since — the same rows for every microbatch,
+    # replica and MoE chunk of a step (step 0: by the residual's row norms).
     backward: str = "exact"
     ce_rank: int = 64
     ce_keep: float = 0.125
+    ce_refresh: int = 0
 
     def __post_init__(self):
         check_field_types(self, "lora")
@@ -108,6 +112,11 @@ class LoraConfig:
             raise ConfigError(f"lora.ce_rank must be >= 1, got {self.ce_rank}")
         if not 0.0 <= self.ce_keep <= 1.0:
             raise ConfigError(f"lora.ce_keep must be in [0, 1], got {self.ce_keep}")
+        if self.ce_refresh < 0:
+            raise ConfigError(
+                f"lora.ce_refresh must be >= 0 (0: rows chosen every backward; N: every N "
+                f"steps), got {self.ce_refresh}"
+            )
         for t in self.targets:
             if not any(_matches(t, p) for p in LINEAR_PATHS + VISION_PATHS):
                 raise ConfigError(

@@ -41,11 +41,12 @@ def test_tiny_step_record(bench_step):
 def test_the_ce_backward_can_be_timed(bench_step):
     """--lora-backward ce reaches the step's LoraConfig (the GPU run that times CE-LoRA, issue 19;
     test_ce_lora.py trains with it)."""
-    args = argparse.Namespace(lora_backward="ce", ce_rank=8, ce_keep=0.25)
+    args = argparse.Namespace(lora_backward="ce", ce_rank=8, ce_keep=0.25, ce_refresh=10)
     cfg = bench_step.slice_config(bench_step.CASES["b"], tiny=True)
     spec = bench_step.step_spec(cfg, expert_dtype="int4", lora=bench_step.lora_overrides(args))
-    assert (spec.lora.backward, spec.lora.ce_rank, spec.lora.ce_keep) == ("ce", 8, 0.25)
-    exact = argparse.Namespace(lora_backward="exact", ce_rank=8, ce_keep=0.25)
+    lora = spec.lora
+    assert (lora.backward, lora.ce_rank, lora.ce_keep, lora.ce_refresh) == ("ce", 8, 0.25, 10)
+    exact = argparse.Namespace(lora_backward="exact", ce_rank=8, ce_keep=0.25, ce_refresh=0)
     assert bench_step.lora_overrides(exact) is None
 
 

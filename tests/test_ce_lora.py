@@ -7,6 +7,11 @@ rounding) at full rank, leave the LoRA gradients of the op itself exact, and are
 approximation in between; the randomized factors are near the optimal truncated SVD; on the tiny
 model the loss is unchanged, the LoRA gradients equal the exact ones at keep-all and full rank,
 the last layer's gradients are exact at any setting (its dY is), and a run trains.
+
+Carried rows (lora.ce_refresh ≥ 1): given the rows a backward would choose, the ops give its dX,
+and their probes' cotangents are the Σ dY² the choice is made from; the step chooses at every
+N-th step from the sum since the last choice, so one device, a chunked expert-parallel mesh with
+overflow rounds, and gradient accumulation all train alike; the rows survive a checkpoint.
 """
 
 from __future__ import annotations
@@ -24,7 +29,14 @@ from k2jax.config import CONFIG_DIR, ConfigError, load_model_config
 from k2jax.data import DEMO_CHATS, DataConfig, KimiTokenizer, PackedBatches
 from k2jax.data.testing import write_tiny_tokenizer
 from k2jax.lora import LoraConfig
-from k2jax.ops.ce_backward import GroupedFactors, ce_matmul, factors, grouped_factors, kept_rows
+from k2jax.ops.ce_backward import (
+    GroupedFactors,
+    ce_matmul,
+    choose_rows,
+    factors,
+    grouped_factors,
+    kept_rows,
+)
 from k2jax.ops.grouped_matmul import GroupedLora, grouped_matmul
 from k2jax.quant import quantize_int4
 from k2jax.sharding import make_mesh
@@ -122,11 +134,64 @@ def test_the_grouped_op_is_exact_at_full_rank_and_keeps_lora_exact(impl):
         assert 0.05 < errors[-1] < errors[1] < errors[0] < 1.0  # more rows kept, less error
 
 
+def test_carried_rows_give_the_chosen_rows_product_and_probes_report_dy_squared():
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((6, 48)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((40, 48)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((6, 40)), jnp.float32)
+    us, vt, rnorm = factors(w, 8)
+    m, dy_sq = kept_rows(40, 0.25), jnp.sum(dy**2, axis=0)
+    rows = choose_rows(dy_sq, rnorm, m)
+    _, own = _vjp(lambda x: ce_matmul(x, w, us, vt, rnorm, m), x, dy)
+    _, pull = jax.vjp(lambda x, s: ce_matmul(x, w, us, vt, rnorm, m, rows, s), x, 0 * rnorm)
+    dx, d_score = pull(dy)
+    assert np.array_equal(dx, own)  # the rows this dY would choose: the same product
+    assert rel_err(d_score, dy_sq) <= 1e-6  # the probe's cotangent: Σ dY² per row
+    other = (rows + 1) % 40  # other rows: another product
+    assert not np.allclose(_vjp(lambda x: ce_matmul(x, w, us, vt, rnorm, m, other), x, dy)[1], dx)
+    # nothing seen yet: the residual's row norms alone choose
+    assert set(np.asarray(choose_rows(0 * dy_sq, rnorm, m))) == set(np.argsort(-rnorm)[:m])
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_grouped_carried_rows_and_probes(impl):
+    rng = np.random.default_rng(5)
+    G, N, K, M = 4, 48, 64, 40
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
+    w = quantize_int4(jnp.asarray(rng.standard_normal((G, N, K)) / 8, jnp.float32))
+    sizes = jnp.array([10, 0, 17, 9], jnp.int32)  # an empty group and 4 padding rows
+    dy = jnp.asarray(rng.standard_normal((M, N)), jnp.float32)
+    f = grouped_factors(w, 8, jnp.float32)
+    m = kept_rows(N, 0.25)
+    ce = GroupedFactors(f["ce_ust"], f["ce_v"], f["ce_rnorm"], m)
+    ends = np.cumsum(sizes)
+    expert = np.searchsorted(ends, np.arange(M), side="right")
+    dy_sq = np.stack([(np.asarray(dy)[expert == g] ** 2).sum(0) for g in range(G)])
+
+    @functools.partial(jax.jit, compiler_options=FAST_COMPILE)  # Pallas: interpret mode
+    def vjp(ce, score):
+        def f(x, score):
+            c = ce if score is None else dataclasses.replace(ce, score=score)
+            return grouped_matmul(x, w, sizes, impl=impl, ce=c)
+
+        return jax.vjp(f, x, score)[1](dy)
+
+    own = vjp(ce, None)[0]
+    carried = dataclasses.replace(ce, rows=choose_rows(jnp.asarray(dy_sq), ce.rnorm, m))
+    dx, d_score = vjp(carried, jnp.zeros((G, N), jnp.float32))
+    assert np.array_equal(dx, own)  # the rows this dY would choose: the same product
+    assert rel_err(d_score, dy_sq) <= 1e-6  # each expert's Σ dY² over its rows
+    assert not np.any(dx[36:])  # padding rows get no gradient
+    stale = dataclasses.replace(ce, rows=(carried.rows + 1) % N)  # other rows: another product
+    assert not np.allclose(vjp(stale, None)[0], dx)
+
+
 def test_knobs_are_checked():
     for kw, match in [
         ({"backward": "fast"}, "'exact' or 'ce'"),
         ({"ce_rank": 0}, "ce_rank"),
         ({"ce_keep": 1.5}, "ce_keep"),
+        ({"ce_refresh": -1}, "ce_refresh"),
     ]:
         with pytest.raises(ConfigError, match=match):
             LoraConfig(**kw)
@@ -232,6 +297,95 @@ def test_a_ce_run_trains_on_one_device_and_the_expert_parallel_mesh(batch):
     spec = StepSpec.from_run_config(run, load_model_config(CONFIG_DIR / "tiny.gin"))
     mesh = _train(build_program(spec, make_mesh(1, 8, 1)), batch, 3)[1]
     assert np.allclose(mesh, losses[:3], rtol=1e-5), (mesh, losses)  # (one device: no exchange)
+
+
+REFRESH = (*CE, "lora.ce_refresh=2")
+
+
+def _module(tree, keys):
+    for k in keys:
+        tree = tree[k]
+    return tree
+
+
+def test_carried_rows_are_chosen_every_n_steps_from_the_scores_since(batch):
+    program = _program(*REFRESH)  # N = 2: rows chosen at steps 0 (by rnorm), 1, 3, 5, ...
+    frozen, tparams = program.init_base(0)
+    state = program.init_state(0, tparams)
+    b = program.device_batch(batch)
+    seen = []
+    for _ in range(4):
+        state, _ = program.train_step(state, frozen, b)
+        seen.append(jax.device_get(state["ce"]))
+    leaves = jax.tree_util.tree_flatten_with_path(seen[0]["rows"])[0]
+    assert any(k.key == "experts" for p, _ in leaves for k in p)  # routed experts carry rows
+    for path, _ in leaves:
+        keys = tuple(k.key for k in path[:-1])
+        rnorm = _module(frozen, keys)["ce_rnorm"]
+        (r0, r1, r2, r3), (s0, s1, s2, _) = (
+            [np.asarray(_module(x[part], keys)[name]) for x in seen]
+            for part, name in (("rows", "rows"), ("score", "score"))
+        )
+        m = r0.shape[-1]
+        assert np.array_equal(r0, choose_rows(0 * s0, rnorm, m)), keys  # step 0: by rnorm
+        assert np.array_equal(r1, choose_rows(s0, rnorm, m)), keys  # step 1: from step 0's
+        assert np.array_equal(r2, r1), keys  # step 2: carried ...
+        assert np.all(s2 >= s1) and np.any(s2 > s1), keys  # ... while the scores add up
+        assert np.array_equal(r3, choose_rows(s2, rnorm, m)), keys  # step 3: chosen afresh
+
+
+def test_carried_rows_train_alike_on_a_chunked_mesh_and_with_gradient_accumulation(batch):
+    """With rows chosen per call, each MoE chunk, overflow round, microbatch and data replica
+    keeps its own rows; carried rows are the same in all of them, so every layout gives one
+    device's run (per-call rows, lora.ce_refresh = 0, missed rtol 1e-5 by 6× with gradient
+    accumulation and by 14× on an expert=8 mesh with these chunks)."""
+    one = _train(_program(*REFRESH), batch, 3)[1]
+    accum = _train(_program(*REFRESH, "train.grad_accum=2"), batch, 3)[1]
+    assert np.allclose(accum, one, rtol=1e-5), (accum, one)
+    chunked = ("compute.moe_chunk_tokens=32", "compute.moe_capacity_factor=1.0")
+    chunked += ("mesh.data=2", "mesh.expert=4")
+    run = RunConfig.load(TINY_TRAIN, ["train.run_dir='unused'", *REFRESH, *chunked])
+    program = build_program(
+        StepSpec.from_run_config(run, load_model_config(CONFIG_DIR / "tiny.gin")),
+        make_mesh(2, 4, 1),
+    )
+    frozen, tparams = program.init_base(0)
+    state, b, mesh = program.init_state(0, tparams), program.device_batch(batch), []
+    for _ in range(3):
+        state, metrics = program.train_step(state, frozen, b)
+        mesh.append(float(jax.device_get(metrics["loss"])))
+    assert int(metrics["moe_exchange_rounds"]) > 1  # overflow rounds ran
+    assert np.allclose(mesh, one, rtol=1e-5), (mesh, one)
+
+
+def test_carried_rows_survive_a_checkpoint(batch, tmp_path):
+    from k2jax.train.checkpoint import Checkpointer, CheckpointError
+
+    program = _program(*REFRESH)
+    frozen, tparams = program.init_base(0)
+    state, b = program.init_state(0, tparams), program.device_batch(batch)
+    state, _ = program.train_step(state, frozen, b)  # mid-period: rows carried, scores partial
+    saver = Checkpointer(tmp_path / "run", async_save=False)
+    saver.save(1, state, {})
+
+    def losses(state):
+        out = []
+        for _ in range(2):
+            state, m = program.train_step(state, frozen, b)
+            out.append(float(jax.device_get(m["loss"])))
+        return out, jax.device_get(state["ce"])
+
+    straight, ce = losses(state)
+    resumed, ce_resumed = losses(
+        saver.restore(1, program.state_abstract, program.state_shardings)[0]
+    )
+    assert resumed == straight
+    jax.tree.map(np.testing.assert_array_equal, ce_resumed, ce)
+    # a checkpoint without carried rows cannot seed a run that needs them, and says why
+    per_step = _program(*CE)
+    saver.save(2, per_step.init_state(0, per_step.init_base(0)[1]), {})
+    with pytest.raises(CheckpointError, match="ce_refresh"):
+        saver.restore(2, program.state_abstract, program.state_shardings)
 
 
 def test_plan_counts_the_factors():

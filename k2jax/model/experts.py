@@ -89,12 +89,25 @@ class ExpertWeights:
     ce_down: GroupedFactors | None = None
 
     def split(self) -> tuple[ExpertWeights, dict]:
-        """(the frozen base alone, the LoRA factors {name: GroupedLora | None})."""
+        """(the frozen base alone, what gets a gradient: the LoRA factors {name: GroupedLora |
+        None} and, with lora.ce_refresh ≥ 1, CE-LoRA's probes {"ce_gate_up", "ce_down": score})."""
         lora = {"lora_gate": self.lora_gate, "lora_up": self.lora_up, "lora_down": self.lora_down}
-        return dataclasses.replace(self, lora_gate=None, lora_up=None, lora_down=None), lora
+        ce = {"ce_gate_up": self.ce_gate_up, "ce_down": self.ce_down}
+        probes = {k: None if f is None else f.score for k, f in ce.items()}
+        base = {k: None if f is None else dataclasses.replace(f, score=None) for k, f in ce.items()}
+        base = dataclasses.replace(self, lora_gate=None, lora_up=None, lora_down=None, **base)
+        return base, {**lora, "probes": probes}
 
     def with_lora(self, lora: dict) -> ExpertWeights:
-        return dataclasses.replace(self, **lora)
+        """The inverse of `split`: the base with `lora` (and the probes) put back."""
+        lora = dict(lora)
+        probes = lora.pop("probes", {})
+        ce = {
+            k: dataclasses.replace(getattr(self, k), score=p)
+            for k, p in probes.items()
+            if getattr(self, k) is not None
+        }
+        return dataclasses.replace(self, **lora, **ce)
 
 
 GATE_SALT, UP_SALT, DOWN_SALT = 0, 1, 2  # one dropout mask stream per adapter

@@ -132,7 +132,9 @@ class Linear(nn.Module):
     def _ce_matmul(self, x, w):
         """x·Wᵀ with lora.backward = "ce": W's rank-k factors and residual row norms are frozen
         params beside it (`ce_us`, `ce_vt`, `ce_rnorm`, float32), filled from the loaded W by
-        k2jax.train.step (k2jax/ops/ce_backward.py)."""
+        k2jax.train.step (k2jax/ops/ce_backward.py). With lora.ce_refresh ≥ 1 the kept rows are
+        the train state's ("ce_rows" collection, `rows` [m]) and the "ce_score" collection holds
+        the probe whose gradient is the step's Σ dY² per row (`score` [out])."""
         out, inp = w.shape
         k = min(self.lora.ce_rank, out, inp)
         out_axis, in_axis = self.axes
@@ -141,7 +143,24 @@ class Linear(nn.Module):
         us = self.param("ce_us", part(zeros, (out_axis, None)), (out, k), jnp.float32)
         vt = self.param("ce_vt", part(zeros, (None, in_axis)), (k, inp), jnp.float32)
         rnorm = self.param("ce_rnorm", part(zeros, (out_axis,)), (out,), jnp.float32)
-        return ce_matmul(x, w, us, vt, rnorm, kept_rows(out, self.lora.ce_keep))
+        m = kept_rows(out, self.lora.ce_keep)
+        rows = score = None
+        if self.lora.ce_refresh and 0 < m < out:
+            rows, score = carried_rows(self, (m,), (None,), (out,), (out_axis,))
+        return ce_matmul(x, w, us, vt, rnorm, m, rows, score)
+
+
+def carried_rows(module: nn.Module, rows_shape, rows_axes, score_shape, score_axes):
+    """(rows, score) of lora.ce_refresh ≥ 1 (k2jax/ops/ce_backward.py): the kept rows
+    ("ce_rows"/"rows", int32; the train step chooses them, these initial ones are a placeholder)
+    and the probe ("ce_score"/"score", float32 zeros; the step differentiates it)."""
+    part = nn.with_logical_partitioning
+    m = rows_shape[-1]
+    first = lambda: jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), rows_shape)  # noqa: E731
+    rows = module.variable("ce_rows", "rows", part(first, rows_axes))
+    zeros = lambda: jnp.zeros(score_shape, jnp.float32)  # noqa: E731
+    score = module.variable("ce_score", "score", part(zeros, score_axes))
+    return rows.value, score.value
 
 
 class Embed(nn.Module):

@@ -20,7 +20,14 @@ from k2jax.lora import LoraConfig
 from k2jax.model.context_parallel import flatten_tokens, unflatten_tokens
 from k2jax.model.expert_parallel import mesh_is_parallel, moe_expert_parallel
 from k2jax.model.experts import ExpertWeights, PairDropout, route, routed_experts
-from k2jax.model.layers import BASE_INIT, MLP, lora_a_init, lora_variable, module_path
+from k2jax.model.layers import (
+    BASE_INIT,
+    MLP,
+    carried_rows,
+    lora_a_init,
+    lora_variable,
+    module_path,
+)
 from k2jax.model.options import ComputeConfig
 from k2jax.ops.ce_backward import GroupedFactors, kept_rows
 from k2jax.ops.grouped_matmul import GroupedLora
@@ -123,11 +130,18 @@ class ExpertProj(nn.Module):
         def factor(name, shape, axes):
             return self.param(name, nn.with_logical_partitioning(zeros, axes), shape, dtype)
 
+        rows = score = None
+        if self.ce.ce_refresh and m > 0:
+            rows, score = carried_rows(
+                self, (E, m), ("experts", None), (E, N), ("experts", out_axis)
+            )
         return GroupedFactors(
             ust=factor("ce_ust", (E, k, N), ("experts", None, out_axis)),
             v=factor("ce_v", (E, K, k), ("experts", in_axis, None)),
             rnorm=factor("ce_rnorm", (E, N), ("experts", out_axis)),
             m=m,
+            rows=rows,
+            score=score,
         )
 
 

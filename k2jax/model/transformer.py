@@ -79,7 +79,14 @@ def _stack(cfg, compute, lora, *, moe: bool, length: int, name: str):
         layer = nn.remat(layer, policy=policy, prevent_cse=False)
     scanned = nn.scan(
         layer,
-        variable_axes={"params": 0, "lora": 0, "qk_clip": 0, "cache": 0},
+        variable_axes={
+            "params": 0,
+            "lora": 0,
+            "qk_clip": 0,
+            "cache": 0,
+            "ce_rows": 0,
+            "ce_score": 0,
+        },
         split_rngs={"params": True, "lora": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast),
         length=length,

@@ -289,7 +289,7 @@ class MoonViT(nn.Module):
         mask = same & (seg[:, :, None] >= 0) | jnp.eye(seg.shape[1], dtype=bool)
         blocks = nn.scan(
             Block,
-            variable_axes={"params": 0, "lora": 0},
+            variable_axes={"params": 0, "lora": 0, "ce_rows": 0, "ce_score": 0},
             split_rngs={"params": True, "lora": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast),
             length=c.num_layers,

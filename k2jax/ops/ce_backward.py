@@ -21,9 +21,26 @@ autodiff; only the product with the frozen W is approximated, so the loss is exa
 the gradients of every adapter between which and the loss no approximated product lies (the last
 layer's MLP down projections); the error enters the layers below through dX.
 
-The row selection, from CE-LoRA (arXiv 2502.01378) — which pairs approximated multiplication with
-a "double LoRA" against error propagation — is our own reading: a per-step top-m by the score
-above (cheap: T·out for the column norms) rather than a periodically refreshed fixed set.
+When the rows are chosen (`lora.ce_refresh`). CE-LoRA (arXiv 2502.01378) — which pairs
+approximated multiplication with a "double LoRA" against error propagation — refreshes a fixed
+set periodically; both readings are here:
+
+* refresh 0 (the default): every backward chooses its own rows from its own dY, as above
+  (cheap: T·out for the column norms) — the freshest choice, but made per call, so each
+  microbatch of gradient accumulation, each MoE chunk and exchange round and, for the experts,
+  each data replica keeps its own m rows;
+* refresh N ≥ 1: the rows are an input (`rows` [m], per expert [G, m]), carried in the train
+  state and re-chosen every N steps (`choose_rows`; steps 1, 1 + N, 1 + 2N, … of
+  k2jax.train.step) from Σ dY[:, i]² accumulated over the steps since the last choice. The
+  backward reports this step's Σ dY[:, i]² as the cotangent of a `score` input whose value it
+  ignores — a probe: autodiff then sums it over microbatches, MoE chunks, exchange rounds and
+  data replicas exactly as it sums the LoRA gradients, so every call of a step uses the same
+  rows, chosen from the whole batch's importance (and a mesh reproduces one device to rounding,
+  chunks and gradient accumulation included: tested). Before
+  the first gradient (step 0; an expert that saw no token since the last choice) the score is
+  rnorm alone. Each call still forms Σ dY² (for the probe) but skips its top-m; the price is
+  staleness: on the tiny model, rows chosen from another batch give less faithful gradients
+  than the batch's own (benchmarks/RESULTS.md, "CE-LoRA").
 
 Routed experts (`GroupedFactors`, `attach_grouped`): the same per expert. Expert g's factors are
 stored transposed for the grouped matmul (which computes x·W[g]ᵀ): ust = (U·S)ᵀ [G, k, N],
@@ -66,6 +83,7 @@ __all__ = [
     "GroupedFactors",
     "attach_grouped",
     "ce_matmul",
+    "choose_rows",
     "factors",
     "grouped_factors",
     "kept_rows",
@@ -111,10 +129,22 @@ def _randomized_svd(w32, k):
     return q @ u_b, s, vt
 
 
+def choose_rows(dy_sq: jax.Array, rnorm: jax.Array, m: int) -> jax.Array:
+    """The m rows [.., m] (int32) of largest ‖dY[:, i]‖ · rnorm[i], from dy_sq [.., out] = Σ dY[:, i]²
+    (leading axes: layers, experts); where dy_sq is all zero (no gradient seen: the first step,
+    an expert that got no token) by rnorm alone."""
+    dy_sq, rnorm = dy_sq.astype(jnp.float32), rnorm.astype(jnp.float32)
+    seen = jnp.any(dy_sq > 0, axis=-1, keepdims=True)
+    _, rows = jax.lax.top_k(jnp.where(seen, jnp.sqrt(dy_sq), 1.0) * rnorm, m)
+    return rows.astype(jnp.int32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def ce_matmul(x, w, us, vt, rnorm, m: int):
+def ce_matmul(x, w, us, vt, rnorm, m: int, rows=None, score=None):
     """x [..., in] · W [out, in]ᵀ in x's dtype — the same product as the exact Linear — with the
-    backward of the module docstring."""
+    backward of the module docstring. `rows` [m] (int32): the kept rows, else chosen from this
+    dY; `score` [out] (float32): a probe whose cotangent is this dY's Σ dY[:, i]² (its value is
+    not read)."""
     return _forward(x, w)
 
 
@@ -122,26 +152,28 @@ def _forward(x, w):
     return jnp.einsum("...i,oi->...o", x, w.astype(x.dtype))
 
 
-def _fwd(x, w, us, vt, rnorm, m):
-    return _forward(x, w), (w, us, vt, rnorm)
+def _fwd(x, w, us, vt, rnorm, m, rows, score):
+    # `()` or None: whether a probe was given, as tree structure (residuals hold no Python values)
+    return _forward(x, w), (w, us, vt, rnorm, rows, None if score is None else ())
 
 
 def _bwd(m, res, dy):
-    w, us, vt, rnorm = res  # dy has y's shape and dtype, which are x's but for the last axis
+    w, us, vt, rnorm, rows, probe = res  # dy has y's shape and dtype: x's but for the last axis
+    probe = probe is not None
     out = w.shape[0]
     dy2 = dy.reshape(-1, out).astype(jnp.float32)
+    dy_sq = jnp.sum(jnp.square(dy2), axis=0) if probe or (rows is None and 0 < m < out) else None
     if m >= out:  # every row kept: the exact product
         dx = dy2 @ w.astype(jnp.float32)
     else:
         dx = (dy2 @ us) @ vt
         if m > 0:
-            score = jnp.sqrt(jnp.sum(jnp.square(dy2), axis=0)) * rnorm
-            _, rows = jax.lax.top_k(score, m)
+            rows = choose_rows(dy_sq, rnorm, m) if rows is None else rows
             residual = w[rows].astype(jnp.float32) - us[rows] @ vt  # [m, in]
             dx = dx + jnp.take(dy2, rows, axis=1) @ residual
     dx = dx.reshape(*dy.shape[:-1], w.shape[1]).astype(dy.dtype)
     zero = lambda a: jnp.zeros_like(a)  # noqa: E731  (frozen: no gradient, removed by XLA)
-    return dx, zero(w), zero(us), zero(vt), zero(rnorm)
+    return dx, zero(w), zero(us), zero(vt), zero(rnorm), None, dy_sq if probe else None
 
 
 ce_matmul.defvjp(_fwd, _bwd)
@@ -154,12 +186,16 @@ ce_matmul.defvjp(_fwd, _bwd)
 @dataclasses.dataclass(frozen=True)
 class GroupedFactors:
     """One expert stack's factors (module docstring): ust [G, k, N], v [G, K, k], rnorm [G, N],
-    and m, the rows per expert corrected exactly (static)."""
+    and m, the rows per expert corrected exactly (static). With lora.ce_refresh ≥ 1 also the
+    carried kept rows [G, m] (int32) and the probe `score` [G, N] (float32) whose cotangent is
+    each expert's Σ dY[:, i]² over its rows of this call."""
 
     ust: jax.Array
     v: jax.Array
     rnorm: jax.Array
     m: int = dataclasses.field(metadata=dict(static=True), default=0)
+    rows: jax.Array | None = None
+    score: jax.Array | None = None
 
 
 def grouped_factors(w: jax.Array | Int4Weight, rank: int, dtype) -> dict[str, jax.Array]:
@@ -197,23 +233,28 @@ def _attach(matmul, y, x, w, group_sizes, ce):
 
 
 def _attach_fwd(matmul, y, x, w, group_sizes, ce):
-    return y, (x, w, group_sizes, ce)
+    # the probe's value is never read: only whether there is one (`()`), as tree structure
+    probe = None if ce.score is None else ()
+    return y, (x, w, group_sizes, dataclasses.replace(ce, score=None), probe)
 
 
 def _attach_bwd(matmul, res, dy):
-    x, w, group_sizes, ce = res
+    x, w, group_sizes, ce, probe = res
     G = ce.ust.shape[0]
     f32 = dict(preferred_element_type=jnp.float32)
     dyc = dy.astype(x.dtype)
     t = matmul(dyc, ce.ust, group_sizes).astype(x.dtype)  # dY·Us[g]            [M, k]
     dx = matmul(t, ce.v, group_sizes, **f32)  # ·Vt[g]                           [M, K]
-    if ce.m > 0:
-        # each row's expert; the rows past Σ group_sizes (padding) get G, a zero expert
-        ends = jnp.cumsum(group_sizes)
-        expert = jnp.searchsorted(ends, jnp.arange(dy.shape[0]), side="right")
+    # each row's expert; the rows past Σ group_sizes (padding) get G, a zero expert
+    ends = jnp.cumsum(group_sizes)
+    expert = jnp.searchsorted(ends, jnp.arange(dy.shape[0]), side="right")
+    dy_sq = None  # [G, N]: per expert, Σ over its rows of dY², when a choice or the probe needs it
+    if probe is not None or (ce.m > 0 and ce.rows is None):
         sq = jax.ops.segment_sum(jnp.square(dy.astype(jnp.float32)), expert, num_segments=G + 1)
-        score = jnp.sqrt(sq[:G]) * ce.rnorm.astype(jnp.float32)  # [G, N]
-        _, rows = jax.lax.top_k(score, ce.m)  # [G, m]: per expert, its most important rows
+        dy_sq = sq[:G]
+    if ce.m > 0:
+        # [G, m]: per expert, its most important rows — carried, or chosen from this dY
+        rows = choose_rows(dy_sq, ce.rnorm, ce.m) if ce.rows is None else ce.rows
         ust_rows = jnp.take_along_axis(ce.ust, rows[:, None, :], axis=2)  # [G, k, m]
         if w is None:  # k2jax plan's stand-in for W's kept rows (attach_grouped)
             w_rows = jnp.einsum("gkm,gKk->gmK", ust_rows, ce.v, **f32)
@@ -230,7 +271,9 @@ def _attach_bwd(matmul, res, dy):
         dx = dx + matmul(dy_kept, residual_t, group_sizes, **f32)
         if w is None:  # the plan's matmul reads no weights; this one's are temporaries to count
             dx = dx + jnp.mean(jax.lax.optimization_barrier(residual_t), dtype=jnp.float32)
-    return dy, dx.astype(x.dtype), None, None, None  # w, group_sizes, factors: frozen
+    # w, group_sizes, factors: frozen; the probe's cotangent is dy_sq
+    d_ce = None if probe is None else GroupedFactors(None, None, None, ce.m, None, dy_sq)
+    return dy, dx.astype(x.dtype), None, None, d_ce
 
 
 _attach.defvjp(_attach_fwd, _attach_bwd)

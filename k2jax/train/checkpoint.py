@@ -5,7 +5,7 @@ A checkpoint is one Orbax step folder `<checkpoint dir>/<step>/` with three item
     train/   {"trainable": {"lora", "params"}, "qk_clip"}  — what the fine-tune *is*; `load_run`,
              `k2jax export` and `k2jax merge` read only this item
     opt/     {"opt_state", "step", "rng", "nonfinite",     — what resuming needs on top
-              "qk_thresholds"}
+              "qk_thresholds", "ce" — CE-LoRA's carried rows, with lora.ce_refresh ≥ 1}
     meta/    JSON: step, the data iterator's state (PackedBatches.state()), tokens seen, time
 
 The frozen base is never saved (it is the input checkpoint). Splitting train from opt lets an
@@ -79,7 +79,11 @@ class _MetaRestore(ocp.args.CheckpointArgs):
 
 def _split(state: dict) -> tuple[dict, dict]:
     train = {"trainable": state["trainable"], "qk_clip": state["qk_clip"]}
-    opt = {k: state[k] for k in ("opt_state", "step", "rng", "nonfinite", "qk_thresholds")}
+    opt = {
+        k: state[k]
+        for k in ("opt_state", "step", "rng", "nonfinite", "qk_thresholds", "ce")
+        if k in state
+    }  # "ce": lora.ce_refresh ≥ 1's kept rows and their scores
     return train, opt
 
 
@@ -149,8 +153,8 @@ class Checkpointer:
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(
                 f"{self.directory / str(step)}: cannot restore into this run ({e}). Did the model, "
-                "lora (rank/targets), train.train_router/train_norms or optim.name change since "
-                "it was saved?"
+                "lora (rank/targets, backward/ce_keep/ce_refresh), train.train_router/train_norms or "
+                "optim.name change since it was saved?"
             ) from None
         return {**out["train"], **out["opt"]}, dict(out["meta"])
 

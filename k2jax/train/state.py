@@ -9,6 +9,9 @@
       "qk_clip":   MuonClip's per-head factors [L, 3, H] (k2jax.optim.qk_clip)
       "rng":       uint32 key data — dropout keys are fold_in(rng, step, microbatch)
       "nonfinite": {"streak", "total"} — skipped steps in a row / in all
+      "ce":        only with lora.backward = "ce" and lora.ce_refresh ≥ 1: {"rows": the kept
+                   rows of every approximated linear [L, m] / expert stack [L, E, m] (int32),
+                   "score": their Σ dY² since the rows were chosen} (k2jax/ops/ce_backward.py)
     }
 
 Trainable base weights without a second copy. With `train_router` / `train_norms`, those leaves

@@ -13,6 +13,11 @@ One train step (`Program.train_step(state, frozen, batch) -> (state, metrics)`):
     4. otherwise: optax update (clipping, Muon/AdamW), then QK-clip on the "qk_clip" factors from
        the step's max logits against per-head thresholds, set at the first applied step to
        max(τ·m², that step's max logit) (k2jax.optim.qk_clip explains why)
+    5. with CE-LoRA's carried rows (lora.ce_refresh = N ≥ 1): steps 0, 1, N+1, 2N+1, … choose
+       the kept rows before step 1 from the Σ dY² accumulated since the last choice (step 0,
+       before any gradient: by the residual's row norms; `_carried_rows`);
+       the step's own Σ dY² is the gradient of the "ce_score" probes, summed in step 1 like
+       the LoRA gradients and added to the state's sum unless the step is skipped
 
 Compute runs in `compute.dtype` (bf16 in production) while the LoRA factors and trainable base
 weights stay float32 masters (the model casts them per matmul). Rematerialisation follows
@@ -65,8 +70,8 @@ from k2jax.lora import LoraConfig
 from k2jax.model import ComputeConfig, Transformer
 from k2jax.model.context_parallel import resolve as resolve_context
 from k2jax.model.transformer import init_variables
+from k2jax.ops.ce_backward import choose_rows, grouped_factors
 from k2jax.ops.ce_backward import factors as ce_factors
-from k2jax.ops.ce_backward import grouped_factors
 from k2jax.optim import (
     OptimConfig,
     ScheduleConfig,
@@ -196,6 +201,10 @@ class Program:
             "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
             "nonfinite": {"streak": scalar, "total": scalar},
         }
+        # lora.ce_refresh ≥ 1: the carried kept rows and the Σ dY² accumulated since their choice
+        self.carries_rows = "ce_rows" in abstract
+        if self.carries_rows:
+            self.state_abstract["ce"] = {"rows": abstract["ce_rows"], "score": abstract["ce_score"]}
         rep = self.replicated
         self.state_shardings = {
             "step": rep,
@@ -209,6 +218,11 @@ class Program:
             "rng": rep,
             "nonfinite": {"streak": rep, "total": rep},
         }
+        if self.carries_rows:
+            self.state_shardings["ce"] = {
+                "rows": jax.tree.map(ns, specs["ce_rows"]),
+                "score": jax.tree.map(ns, specs["ce_score"]),
+            }
         rows_axis, seq_axis = token_axes(spec.compute.context_parallel)
         self.batch_sharding = ns(spec_for((None, rows_axis, seq_axis)))
         batch_sh = dict.fromkeys(BATCH_KEYS, self.batch_sharding)
@@ -295,7 +309,7 @@ class Program:
         v = nn.unbox(init_variables(self.model, jax.random.key(0), lora_rng=lora_key))
         trainable = {"lora": v["lora"], "params": trainable_params}
         zero = jnp.zeros((), jnp.int32)
-        return {
+        state = {
             "step": zero,
             "trainable": trainable,
             "opt_state": self.optimizer.init(trainable),
@@ -304,18 +318,27 @@ class Program:
             "rng": jax.random.key_data(rng),
             "nonfinite": {"streak": zero, "total": zero},
         }
+        if self.carries_rows:  # the rows are chosen at step 0 (`_carried_rows`)
+            state["ce"] = {"rows": v["ce_rows"], "score": v["ce_score"]}
+        return state
 
     def init_state(self, seed: int, trainable_params) -> dict:
         """A fresh train state: LoRA A random (seeded), B zero, QK-clip factors one."""
         return self._init_state(jax.random.key(seed), trainable_params)
 
     # Steps --------------------------------------------------------------------------------------
-    def _apply_loss(self, trainable, qk_clip, frozen, mb, key):
+    def _apply_loss(self, trainable, qk_clip, frozen, mb, key, ce=None):
+        """The loss sums and aux of microbatch `mb`. `ce`: with lora.ce_refresh ≥ 1, the kept
+        rows and the probes ({"rows", "score"} as in the state)."""
         variables = {
             "params": merge_params(frozen, trainable["params"]),
             "lora": trainable["lora"],
             "qk_clip": qk_clip,
         }
+        if self.carries_rows:
+            if ce is None:
+                raise ValueError("lora.ce_refresh >= 1: pass the state's 'ce' (kept rows)")
+            variables.update(ce_rows=ce["rows"], ce_score=ce["score"])
         # Dropout only in training (a key is given); eval runs the deterministic model.
         rngs = {"dropout": key} if key is not None and self.spec.lora.dropout > 0 else None
         images = {k: mb[k] for k in self.image_shardings} or None
@@ -335,16 +358,25 @@ class Program:
     def _train_step_fn(self, state, frozen, batch):
         trainable, qk = state["trainable"], state["qk_clip"]
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        # What is differentiated: the trainable leaves, and with lora.ce_refresh ≥ 1 the probes,
+        # whose gradient is the step's Σ dY² per kept-row candidate (k2jax/ops/ce_backward.py) —
+        # summed over microbatches and replicas like any gradient.
+        diff = {"trainable": trainable}
+        if self.carries_rows:
+            ce = state["ce"]
+            rows = self._carried_rows(state["step"], ce, frozen)
+            diff["score"] = ce["score"]
 
-        def objective(tr, mb, key):
-            sums, aux = self._apply_loss(tr, qk, frozen, mb, key)
+        def objective(d, mb, key):
+            ce_vars = {"rows": rows, "score": d["score"]} if self.carries_rows else None
+            sums, aux = self._apply_loss(d["trainable"], qk, frozen, mb, key, ce_vars)
             return sums["loss_sum"] + sums["z_loss_sum"], (sums, aux)
 
         grad_fn = jax.grad(objective, has_aux=True)
 
         def micro(carry, xs):
             mb, i = xs
-            g, (sums, aux) = grad_fn(trainable, mb, jax.random.fold_in(step_key, i))
+            g, (sums, aux) = grad_fn(diff, mb, jax.random.fold_in(step_key, i))
             acc_g, acc_s, acc_aux = carry
             acc_aux = jax.tree_util.tree_map_with_path(
                 lambda p, a, b: jnp.maximum(a, b) if path_keys(p)[-1] in MAX_AUX else a + b,
@@ -356,18 +388,20 @@ class Program:
         M = self.spec.grad_accum
         if M == 1:  # the common case, without the scan (and without tracing the model twice)
             mb = jax.tree.map(lambda x: x[0], batch)
-            grads, (sums, aux) = grad_fn(trainable, mb, jax.random.fold_in(step_key, 0))
+            grads, (sums, aux) = grad_fn(diff, mb, jax.random.fold_in(step_key, 0))
         else:
             first = jax.tree.map(lambda x: x[0], batch)
-            _, (sums_abs, aux_abs) = jax.eval_shape(grad_fn, trainable, first, step_key)
+            _, (sums_abs, aux_abs) = jax.eval_shape(grad_fn, diff, first, step_key)
             aux0 = jax.tree_util.tree_map_with_path(
                 lambda p, x: jnp.full(
                     x.shape, -jnp.inf if path_keys(p)[-1] == "max_logit" else 0, x.dtype
                 ),
                 aux_abs,
             )
-            carry0 = (_zeros(trainable), _zeros(sums_abs), aux0)
+            carry0 = (_zeros(diff), _zeros(sums_abs), aux0)
             (grads, sums, aux), _ = jax.lax.scan(micro, carry0, (batch, jnp.arange(M)))
+        dy_sq = grads.get("score")
+        grads = grads["trainable"]
 
         count = jnp.maximum(sums["count"], 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
@@ -405,6 +439,12 @@ class Program:
             "rng": state["rng"],
             "nonfinite": {"streak": streak, "total": total},
         }
+        if self.carries_rows:
+            # a choice starts a new sum; a skipped step's (non-finite) gradients are not added
+            fresh = self._chooses_rows(state["step"])
+            since = jax.tree.map(lambda a: jnp.where(fresh, 0.0, a), ce["score"])
+            score = jax.tree.map(lambda a, g: jnp.where(finite, a + g, a), since, dy_sq)
+            new_state["ce"] = {"rows": rows, "score": score}
         max_logits = [a["max_logit"] for a in aux.values()]
         loads = [a["expert_load"].sum(0) for a in aux.values() if "expert_load" in a]
         rounds = [a["exchange_rounds"].max() for a in aux.values() if "exchange_rounds" in a]
@@ -425,9 +465,33 @@ class Program:
         }
         return new_state, metrics
 
+    def _carried_rows(self, step, ce, frozen):
+        """The kept rows of this step (lora.ce_refresh = N ≥ 1): on a choosing step
+        (`_chooses_rows`) chosen afresh by `choose_rows` from the Σ dY² accumulated since the
+        last choice and the frozen residual row norms at the same module path, otherwise the
+        carried ones."""
+
+        def choose(_):
+            def one(path, rows):
+                keys = path_keys(path)[:-1]  # the module: <...>/rows, <...>/score, <...>/ce_rnorm
+                rnorm = _at(frozen, keys)["ce_rnorm"]
+                return choose_rows(_at(ce["score"], keys)["score"], rnorm, rows.shape[-1])
+
+            return jax.tree_util.tree_map_with_path(one, ce["rows"])
+
+        return jax.lax.cond(self._chooses_rows(step), choose, lambda _: ce["rows"], None)
+
+    def _chooses_rows(self, step):
+        """Whether step `step` chooses its kept rows: step 0 (no gradient yet, so by rnorm
+        alone), step 1 (from step 0's gradient: the first steps should not run on rnorm's
+        choice for a whole period) and every N-th step after it (1 + k·N)."""
+        return (step == 0) | ((step - 1) % self.spec.lora.ce_refresh == 0)
+
     def _eval_step_fn(self, state, frozen, batch):
         def micro(acc, mb):
-            sums, _ = self._apply_loss(state["trainable"], state["qk_clip"], frozen, mb, None)
+            sums, _ = self._apply_loss(
+                state["trainable"], state["qk_clip"], frozen, mb, None, state.get("ce")
+            )
             return _add(acc, sums), None
 
         zero = jnp.zeros((), jnp.float32)
@@ -507,6 +571,12 @@ class Program:
         c = self.spec.model
         attn = 3 * 2 * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)
         return tokens * self.weight_flops_per_token + pairs * c.num_hidden_layers * attn
+
+
+def _at(tree: dict, keys: tuple[str, ...]):
+    for k in keys:
+        tree = tree[k]
+    return tree
 
 
 def _without_ce(tree):
