@@ -79,11 +79,9 @@ class _MetaRestore(ocp.args.CheckpointArgs):
 
 def _split(state: dict) -> tuple[dict, dict]:
     train = {"trainable": state["trainable"], "qk_clip": state["qk_clip"]}
-    opt = {
-        k: state[k]
-        for k in ("opt_state", "step", "rng", "nonfinite", "qk_thresholds", "ce")
-        if k in state
-    }  # "ce": lora.ce_refresh ≥ 1's kept rows and their scores
+    opt = {k: state[k] for k in ("opt_state", "step", "rng", "nonfinite", "qk_thresholds")}
+    if "ce" in state:  # lora.ce_refresh ≥ 1: CE-LoRA's kept rows and their scores
+        opt["ce"] = state["ce"]
     return train, opt
 
 
