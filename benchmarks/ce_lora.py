@@ -75,11 +75,11 @@ def _grads(program, batch, choose_on=None):
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
     ce = state.get("ce", {"rows": None, "score": None})
     if ce["rows"] is not None:  # step 0's choice: by rnorm (the scores are zero)
-        ce = {**ce, "rows": program._carried_rows(0, ce, frozen)}
+        ce = {**ce, "rows": program._carried_rows(True, ce, frozen)}
         if choose_on is not None:
             first = jax.tree.map(lambda x: x[0], program.device_batch(choose_on))
             score = grad(trainable, ce["score"], frozen, state["qk_clip"], ce["rows"], first)[1]
-            ce = {**ce, "rows": program._carried_rows(0, {**ce, "score": score}, frozen)}
+            ce = {**ce, "rows": program._carried_rows(True, {**ce, "score": score}, frozen)}
     mb = jax.tree.map(lambda x: x[0], program.device_batch(batch))
     grads = grad(trainable, ce["score"], frozen, state["qk_clip"], ce["rows"], mb)[0]["lora"]
     return {

@@ -41,6 +41,7 @@ from k2jax.ops.grouped_matmul import GroupedLora, grouped_matmul
 from k2jax.quant import quantize_int4
 from k2jax.sharding import make_mesh
 from k2jax.train import RunConfig, StepSpec, build_program
+from k2jax.train.state import at_path
 
 TINY_TRAIN = CONFIG_DIR / "tiny_train.gin"
 CE = ('lora.backward="ce"', "lora.ce_rank=4", "lora.ce_keep=0.1")
@@ -302,12 +303,6 @@ def test_a_ce_run_trains_on_one_device_and_the_expert_parallel_mesh(batch):
 REFRESH = (*CE, "lora.ce_refresh=2")
 
 
-def _module(tree, keys):
-    for k in keys:
-        tree = tree[k]
-    return tree
-
-
 def test_carried_rows_are_chosen_every_n_steps_from_the_scores_since(batch):
     program = _program(*REFRESH)  # N = 2: rows chosen at steps 0 (by rnorm), 1, 3, 5, ...
     frozen, tparams = program.init_base(0)
@@ -321,9 +316,9 @@ def test_carried_rows_are_chosen_every_n_steps_from_the_scores_since(batch):
     assert any(k.key == "experts" for p, _ in leaves for k in p)  # routed experts carry rows
     for path, _ in leaves:
         keys = tuple(k.key for k in path[:-1])
-        rnorm = _module(frozen, keys)["ce_rnorm"]
+        rnorm = at_path(frozen, keys)["ce_rnorm"]
         (r0, r1, r2, r3), (s0, s1, s2, _) = (
-            [np.asarray(_module(x[part], keys)[name]) for x in seen]
+            [np.asarray(at_path(x[part], keys)[name]) for x in seen]
             for part, name in (("rows", "rows"), ("score", "score"))
         )
         m = r0.shape[-1]

@@ -36,9 +36,8 @@ set periodically; both readings are here:
   ignores — a probe: autodiff then sums it over microbatches, MoE chunks, exchange rounds and
   data replicas exactly as it sums the LoRA gradients, so every call of a step uses the same
   rows, chosen from the whole batch's importance (and a mesh reproduces one device to rounding,
-  chunks and gradient accumulation included: tested). Before
-  the first gradient (step 0; an expert that saw no token since the last choice) the score is
-  rnorm alone. Each call still forms Σ dY² (for the probe) but skips its top-m; the price is
+  chunks and gradient accumulation included: tested). Before the first gradient (step 0; an
+  expert that saw no token since the last choice) the score is rnorm alone. Each call still forms Σ dY² (for the probe) but skips its top-m; the price is
   staleness: on the tiny model, rows chosen from another batch give less faithful gradients
   than the batch's own (benchmarks/RESULTS.md, "CE-LoRA").
 

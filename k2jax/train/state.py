@@ -40,6 +40,13 @@ def path_keys(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
+def at_path(tree: dict, keys: tuple[str, ...]):
+    """The node of the nested dict `tree` at `keys` (path_keys' names)."""
+    for k in keys:
+        tree = tree[k]
+    return tree
+
+
 def is_router(keys: tuple[str, ...]) -> bool:
     """The MoE router weight `mlp.gate.weight` (not its selection-only bias, which gets no
     gradient: it only chooses experts)."""

@@ -14,10 +14,10 @@ One train step (`Program.train_step(state, frozen, batch) -> (state, metrics)`):
        the step's max logits against per-head thresholds, set at the first applied step to
        max(τ·m², that step's max logit) (k2jax.optim.qk_clip explains why)
     5. with CE-LoRA's carried rows (lora.ce_refresh = N ≥ 1): steps 0, 1, N+1, 2N+1, … choose
-       the kept rows before step 1 from the Σ dY² accumulated since the last choice (step 0,
-       before any gradient: by the residual's row norms; `_carried_rows`);
-       the step's own Σ dY² is the gradient of the "ce_score" probes, summed in step 1 like
-       the LoRA gradients and added to the state's sum unless the step is skipped
+       the kept rows, ahead of 1, from the Σ dY² accumulated since the last choice (step 0,
+       before any gradient: by the residual's row norms; `_carried_rows`); the step's own
+       Σ dY² is the gradient of the "ce_score" probes, summed in 1 like the LoRA gradients
+       and added to the state's sum unless the step is skipped
 
 Compute runs in `compute.dtype` (bf16 in production) while the LoRA factors and trainable base
 weights stay float32 masters (the model casts them per matmul). Rematerialisation follows
@@ -86,6 +86,7 @@ from k2jax.optim import (
 from k2jax.quant import Int4Weight
 from k2jax.sharding import logical_specs, spec_for, token_axes, use_mesh
 from k2jax.train.state import (
+    at_path,
     merge_params,
     opt_state_shardings,
     path_keys,
@@ -363,8 +364,8 @@ class Program:
         # summed over microbatches and replicas like any gradient.
         diff = {"trainable": trainable}
         if self.carries_rows:
-            ce = state["ce"]
-            rows = self._carried_rows(state["step"], ce, frozen)
+            ce, fresh = state["ce"], self._chooses_rows(state["step"])
+            rows = self._carried_rows(fresh, ce, frozen)
             diff["score"] = ce["score"]
 
         def objective(d, mb, key):
@@ -441,7 +442,6 @@ class Program:
         }
         if self.carries_rows:
             # a choice starts a new sum; a skipped step's (non-finite) gradients are not added
-            fresh = self._chooses_rows(state["step"])
             since = jax.tree.map(lambda a: jnp.where(fresh, 0.0, a), ce["score"])
             score = jax.tree.map(lambda a, g: jnp.where(finite, a + g, a), since, dy_sq)
             new_state["ce"] = {"rows": rows, "score": score}
@@ -465,21 +465,21 @@ class Program:
         }
         return new_state, metrics
 
-    def _carried_rows(self, step, ce, frozen):
-        """The kept rows of this step (lora.ce_refresh = N ≥ 1): on a choosing step
-        (`_chooses_rows`) chosen afresh by `choose_rows` from the Σ dY² accumulated since the
+    def _carried_rows(self, fresh, ce, frozen):
+        """The kept rows of a step (lora.ce_refresh = N ≥ 1): if `fresh` (a choosing step,
+        `_chooses_rows`) chosen afresh by `choose_rows` from the Σ dY² accumulated since the
         last choice and the frozen residual row norms at the same module path, otherwise the
         carried ones."""
 
         def choose(_):
             def one(path, rows):
                 keys = path_keys(path)[:-1]  # the module: <...>/rows, <...>/score, <...>/ce_rnorm
-                rnorm = _at(frozen, keys)["ce_rnorm"]
-                return choose_rows(_at(ce["score"], keys)["score"], rnorm, rows.shape[-1])
+                rnorm = at_path(frozen, keys)["ce_rnorm"]
+                return choose_rows(at_path(ce["score"], keys)["score"], rnorm, rows.shape[-1])
 
             return jax.tree_util.tree_map_with_path(one, ce["rows"])
 
-        return jax.lax.cond(self._chooses_rows(step), choose, lambda _: ce["rows"], None)
+        return jax.lax.cond(fresh, choose, lambda _: ce["rows"], None)
 
     def _chooses_rows(self, step):
         """Whether step `step` chooses its kept rows: step 0 (no gradient yet, so by rnorm
@@ -571,12 +571,6 @@ class Program:
         c = self.spec.model
         attn = 3 * 2 * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim)
         return tokens * self.weight_flops_per_token + pairs * c.num_hidden_layers * attn
-
-
-def _at(tree: dict, keys: tuple[str, ...]):
-    for k in keys:
-        tree = tree[k]
-    return tree
 
 
 def _without_ce(tree):
